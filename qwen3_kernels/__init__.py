@@ -1,0 +1,8 @@
+"""qwen3_kernels: a from-scratch PyTorch Qwen3 whose hot paths run as fused Triton kernels."""
+
+from . import ops
+from .config import PRESETS, Config
+from .model import FFN, GQA, QWEN, RMSNORM, Block, calculate_sin_cos, rotate
+
+__all__ = ["QWEN", "Config", "PRESETS", "RMSNORM", "FFN", "GQA", "Block", "calculate_sin_cos", "rotate", "ops"]
+__version__ = "0.1.0"

@@ -1,0 +1,140 @@
+"""Hugging Face Qwen3 checkpoints: config.json plus one safetensors file or an indexed set of shards.
+
+Tensors are read one at a time (``safetensors.safe_open``) and converted straight to the target
+device and dtype, so no full-precision copy of the model ever sits in host memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import torch
+
+from .config import Config, rope_frequencies
+
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn.q_proj.weight",
+    "self_attn.k_proj.weight": "attn.k_proj.weight",
+    "self_attn.v_proj.weight": "attn.v_proj.weight",
+    "self_attn.q_proj.bias": "attn.q_proj.bias",
+    "self_attn.k_proj.bias": "attn.k_proj.bias",
+    "self_attn.v_proj.bias": "attn.v_proj.bias",
+    "self_attn.o_proj.weight": "attn.o_proj.weight",
+    "self_attn.q_norm.weight": "attn.q_norm.weight",
+    "self_attn.k_norm.weight": "attn.k_norm.weight",
+    "mlp.gate_proj.weight": "ffn.gate_proj.weight",
+    "mlp.up_proj.weight": "ffn.up_proj.weight",
+    "mlp.down_proj.weight": "ffn.down_proj.weight",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "embeddings.weight", "model.norm.weight": "norm.weight",
+              "lm_head.weight": "lm_head.weight"}
+
+
+def hf_to_local(key: str) -> str | None:
+    """Our parameter name for a Hugging Face tensor name, or None if the name is not Qwen3's."""
+    if key in _TOP_NAMES:
+        return _TOP_NAMES[key]
+    m = _LAYER_KEY.fullmatch(key)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"blocks.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """``{tensor name: file}`` for the checkpoint in directory ``path``."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+        missing = sorted({f for f in files.values() if not os.path.exists(f)})
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard files that do not exist: {missing}")
+        return files
+    if os.path.exists(single):
+        names = _open(single).keys()
+        return {name: single for name in names}
+    found = sorted(os.listdir(path))
+    raise FileNotFoundError(f"no weights in {path!r}: expected model.safetensors or "
+                            f"model.safetensors.index.json (found {found})")
+
+
+def _open(file: str, device: str = "cpu"):
+    from safetensors import safe_open
+    try:
+        return safe_open(file, framework="pt", device=device)
+    except Exception as e:  # SafetensorError, OSError: the header is unreadable
+        raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+
+
+def load_pretrained(cls, path, *, dtype=None, device=None, fused=False):
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    config = Config.from_pretrained(path)
+    files = checkpoint_files(path)
+    device = torch.device(device if device is not None else "cpu")
+    dtype = dtype or config.torch_dtype or torch.float32
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+
+    with torch.device("meta"):
+        model = cls(config, fused=fused)
+    expected = {name: p.shape for name, p in model.named_parameters()}  # a tied head appears once
+
+    local_names = {}
+    unexpected = []
+    for key in files:
+        name = hf_to_local(key)
+        if name is None:
+            unexpected.append(key)
+        elif not (config.tie_word_embeddings and name == "lm_head.weight"):  # tied: the embedding is the head
+            local_names[key] = name
+    missing = sorted(set(expected) - set(local_names.values()))
+    if unexpected or missing:
+        problems = []
+        if missing:
+            problems.append(f"missing tensors: {missing}")
+        if unexpected:
+            problems.append(f"unexpected tensors: {sorted(unexpected)}")
+        raise KeyError(f"checkpoint {path!r} does not match the Qwen3 config: " + "; ".join(problems))
+
+    by_file: dict[str, list[str]] = {}
+    for key in local_names:
+        by_file.setdefault(files[key], []).append(key)
+    state = {}
+    show_progress = len(by_file) > 1
+    for i, (file, keys) in enumerate(sorted(by_file.items())):
+        if show_progress:
+            print(f"\rloading shard {i + 1}/{len(by_file)}: {os.path.basename(file)}", end="", file=sys.stderr,
+                  flush=True)
+        handle = _open(file, device=str(device) if device.type == "cuda" else "cpu")
+        for key in keys:
+            name = local_names[key]
+            try:
+                tensor = handle.get_tensor(key)
+            except Exception as e:
+                raise ValueError(f"{file}: cannot read tensor {key!r}, the file is corrupt or truncated ({e})") from None
+            if tuple(tensor.shape) != tuple(expected[name]):
+                raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} does not match the "
+                                 f"config's shape {tuple(expected[name])}")
+            state[name] = tensor.to(device=device, dtype=dtype)
+            del tensor
+    if show_progress:
+        print(file=sys.stderr)
+
+    # Names were checked above; a tied head is absent from `state` and re-tied below.
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embeddings.weight
+    model.inv_freq = rope_frequencies(config)[0].to(device)  # the meta model's buffer holds no values
+    return model.eval()

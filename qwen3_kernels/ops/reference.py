@@ -1,0 +1,79 @@
+"""Eager PyTorch ground truth for every op, in the rounding order of transformers' Qwen3.
+
+Each Triton kernel is tested against these functions, and they are what runs wherever a kernel
+cannot (CPU, MPS, unsupported dtypes)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim; normalised in fp32, cast back to
+    ``x.dtype`` before the weight multiply (Qwen3RMSNorm's order)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h.to(x.dtype)).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)``: the sum is rounded to ``x.dtype`` first, as the
+    unfused model's residual stream is."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the half-split layout: ``x * cos + rotate_half(x) * sin``.
+
+    x: (B, T, H, D); cos, sin: (T, D) or (B, T, D)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    return x * cos + rotate_half(x) * sin
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k (over head_dim), then rotary: Qwen3's attention prologue."""
+    return apply_rope(rms_norm(q, q_weight, eps), cos, sin), apply_rope(rms_norm(k, k_weight, eps), cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``."""
+    return F.silu(gate) * up
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              softmax_scale: float | None = None) -> torch.Tensor:
+    """Grouped-query attention. q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D) with H % Hkv == 0.
+
+    The causal mask is aligned bottom-right: query i sees keys ``0 .. Tk - Tq + i``, so the same call
+    serves prefill (Tq == Tk), chunked prefill and decode over a KV cache (Tq < Tk). A query that sees
+    no key at all (only possible when Tq > Tk) gets a zero output, never NaN. Returns (B, Tq, H, D)."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    if not causal or Tq == Tk:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, scale=scale,
+                                             enable_gqa=H != Hkv)
+    elif Tq < Tk:
+        visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=H != Hkv)
+    else:
+        visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        scores = (q @ k.transpose(-1, -2)).float() * scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(q.dtype)
+        out = probs @ v
+    return out.transpose(1, 2)  # (B, Tq, H, D)

@@ -1,0 +1,55 @@
+import json
+import os
+
+import pytest
+import torch
+
+# Tests choose their backend explicitly; an inherited setting must not change what they check.
+os.environ.pop("QWEN3_KERNELS_BACKEND", None)
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-6)
+
+
+def make_hf_model(tie: bool = True, seed: int = 0, **overrides):
+    """A small random transformers Qwen3 with every weight random, norms included."""
+    torch.manual_seed(seed)
+    kw = {**TINY, "tie_word_embeddings": tie, "rope_theta": 5e6, **overrides}
+    config = transformers.Qwen3Config(**kw)
+    config._attn_implementation = "eager"
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def load_hf(path, dtype=torch.float32, attn="sdpa"):
+    """transformers' own load of a checkpoint: the ground truth the tests compare against."""
+    return transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).eval()
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Writes a random transformers Qwen3 to disk in ``dtype``; returns (directory, transformers model
+    loaded back from it in ``dtype``)."""
+
+    def write(tie=True, dtype=torch.float32, max_shard_size=None, **overrides):
+        model = make_hf_model(tie=tie, **overrides).to(dtype)
+        path = tmp_path / f"ckpt_tie{tie}_{str(dtype)[6:]}_{max_shard_size}"
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(path, **kwargs)
+        return path, load_hf(path, dtype)
+
+    return write
+
+
+def edit_json(path, fn):
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
