@@ -1,0 +1,53 @@
+"""Naive float64 formulas for every op, written independently of ``qwen3_kernels.ops.reference``,
+and the flash-attention tolerance rule the kernel tests use."""
+
+import math
+
+import torch
+
+
+def rms_norm(x, weight, eps=1e-6):
+    x = x.double()
+    return weight.double() * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def rope(x, cos, sin):
+    x, cos, sin = x.double(), cos.double().unsqueeze(-2), sin.double().unsqueeze(-2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def swiglu(gate, up):
+    gate = gate.double()
+    return gate / (1 + torch.exp(-gate)) * up.double()
+
+
+def attention(q, k, v, causal=True, scale=None):
+    """q (B, Tq, H, D), k/v (B, Tk, Hkv, D); causal mask aligned bottom-right; empty rows are 0."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    group = H // Hkv
+    q, k, v = q.double(), k.double().repeat_interleave(group, 2), v.double().repeat_interleave(group, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:
+        i = torch.arange(Tq)[:, None]
+        j = torch.arange(Tk)[None, :]
+        scores = scores.masked_fill(j > i + (Tk - Tq), float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_within_rule(out, eager, exact, factor=2.0, atol=1e-6, name="output"):
+    """The flash-attention rule: ``out``'s error against the float64 ``exact`` is at most ``factor``
+    times the error of eager PyTorch (``eager``, same dtype as ``out``) plus ``atol``. NaN never passes."""
+    assert not torch.isnan(out).any(), f"{name} has NaN"
+    assert out.shape == exact.shape, f"{name} shape {tuple(out.shape)} != {tuple(exact.shape)}"
+    err, eager_err = max_err(out, exact), max_err(eager, exact)
+    assert err <= factor * eager_err + atol, \
+        f"{name}: error {err:.3e} > {factor} x eager error {eager_err:.3e} + {atol:g}"
