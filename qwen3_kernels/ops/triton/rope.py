@@ -1,0 +1,260 @@
+"""Rotary embedding, alone (``apply_rope``) or fused with Qwen3's per-head RMSNorm of q and k
+(``qk_norm_rope``), forward and backward. One program handles every head of one token, so the
+token's cos/sin row is read once and each element of q/k is read and written once."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import num_sms
+
+
+@triton.jit
+def _rope_fwd_kernel(X, W, COS, SIN, Y, T, H, HALF, eps,
+                     sxb, sxt, sxh, syb, syt, syh, scb, sct,
+                     HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Per head, split x into halves x1, x2 (D = 2 * HALF). With HAS_NORM, first
+    ``x <- w * (x * rstd).to(x.dtype)`` with ``rstd = 1/sqrt(mean(x^2) + eps)``. Then
+    ``y1 = x1*cos1 - x2*sin1``, ``y2 = x2*cos2 + x1*sin2`` (= ``x*cos + rotate_half(x)*sin``)."""
+    token = tl.program_id(0).to(tl.int64)
+    b, t = token // T, token % T
+    heads = tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    mask = (heads < H)[:, None] & (cols < HALF)[None, :]
+    x_ptr = X + b * sxb + t * sxt + heads[:, None] * sxh + cols[None, :]
+    x1 = tl.load(x_ptr, mask=mask, other=0.0)
+    x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
+    if HAS_NORM:
+        a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+        rstd = tl.math.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)
+        w1 = tl.load(W + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(W + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        x1 = (a1 * rstd[:, None]).to(x1.dtype).to(tl.float32) * w1[None, :]
+        x2 = (a2 * rstd[:, None]).to(x2.dtype).to(tl.float32) * w2[None, :]
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    c_ptr = b * scb + t * sct + cols
+    cos1 = tl.load(COS + c_ptr, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(COS + c_ptr + HALF, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    sin1 = tl.load(SIN + c_ptr, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(SIN + c_ptr + HALF, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+    y_ptr = Y + b * syb + t * syt + heads[:, None] * syh + cols[None, :]
+    tl.store(y_ptr, (x1 * cos1 - x2 * sin1).to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + HALF, (x2 * cos2 + x1 * sin2).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_bwd_kernel(DY, X, W, COS, SIN, DX, DW_PARTIAL, n_tokens, tokens_per_program, T, H, HALF, eps,
+                     sdb, sdt, sdh, sxb, sxt, sxh, sgb, sgt, sgh, scb, sct,
+                     HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotary is orthogonal: ``dn1 = dy1*cos1 + dy2*sin2``, ``dn2 = dy2*cos2 - dy1*sin1``. With
+    HAS_NORM (``n = w * xhat``, ``xhat = x * rstd``): ``dx = rstd * (dn*w - xhat * mean(dn*w*xhat))``
+    and this program's share of ``dw = sum(dn * xhat)`` goes to one row of DW_PARTIAL."""
+    pid = tl.program_id(0)
+    heads = tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    col_ok = cols < HALF
+    mask = (heads < H)[:, None] & col_ok[None, :]
+    if HAS_NORM:
+        w1 = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(W + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    dw1 = tl.zeros((BLOCK_H, BLOCK_HALF), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_H, BLOCK_HALF), dtype=tl.float32)
+    first = pid.to(tl.int64) * tokens_per_program  # int64, so the loop's token index is too
+    last = tl.minimum(first + tokens_per_program, n_tokens)
+    for token in range(first, last):
+        b, t = token // T, token % T
+        c_ptr = b * scb + t * sct + cols
+        cos1 = tl.load(COS + c_ptr, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        cos2 = tl.load(COS + c_ptr + HALF, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        sin1 = tl.load(SIN + c_ptr, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        sin2 = tl.load(SIN + c_ptr + HALF, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        dy_ptr = DY + b * sdb + t * sdt + heads[:, None] * sdh + cols[None, :]
+        dy1 = tl.load(dy_ptr, mask=mask, other=0.0).to(tl.float32)
+        dy2 = tl.load(dy_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+        dn1 = dy1 * cos1 + dy2 * sin2
+        dn2 = dy2 * cos2 - dy1 * sin1
+        if HAS_NORM:
+            x_ptr = X + b * sxb + t * sxt + heads[:, None] * sxh + cols[None, :]
+            x1 = tl.load(x_ptr, mask=mask, other=0.0)
+            x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
+            a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+            rstd = tl.math.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)[:, None]
+            xhat1, xhat2 = a1 * rstd, a2 * rstd
+            # the forward rounded xhat to x's dtype before the weight multiply
+            dw1 += dn1 * xhat1.to(x1.dtype).to(tl.float32)
+            dw2 += dn2 * xhat2.to(x2.dtype).to(tl.float32)
+            g1, g2 = dn1 * w1, dn2 * w2
+            mean = ((tl.sum(g1 * xhat1, axis=1) + tl.sum(g2 * xhat2, axis=1)) / (2 * HALF))[:, None]
+            dn1 = (g1 - xhat1 * mean) * rstd
+            dn2 = (g2 - xhat2 * mean) * rstd
+        dx_ptr = DX + b * sgb + t * sgt + heads[:, None] * sgh + cols[None, :]
+        tl.store(dx_ptr, dn1.to(DX.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + HALF, dn2.to(DX.dtype.element_ty), mask=mask)
+    if HAS_NORM:
+        row = DW_PARTIAL + pid.to(tl.int64) * 2 * HALF
+        tl.store(row + cols, tl.sum(dw1, axis=0), mask=col_ok)
+        tl.store(row + HALF + cols, tl.sum(dw2, axis=0), mask=col_ok)
+
+
+def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, T, H, D), got {tuple(x.shape)}")
+    B, T, H, D = x.shape
+    if D % 2:
+        raise ValueError(f"{name}: head_dim must be even for rotary embeddings, got {D}")
+    if cos.shape != sin.shape or cos.shape not in ((T, D), (B, T, D)):
+        raise ValueError(f"cos/sin must have shape (T, D) = {(T, D)} or (B, T, D) = {(B, T, D)}, "
+                         f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _table_strides(cos: torch.Tensor) -> tuple[int, int]:
+    return (0, cos.stride(0)) if cos.dim() == 2 else (cos.stride(0), cos.stride(1))
+
+
+def _block(H: int, D: int) -> dict:
+    block_h, block_half = triton.next_power_of_2(H), triton.next_power_of_2(D // 2)
+    tile = block_h * block_half
+    return dict(BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=1 if tile <= 256 else 2 if tile <= 1024 else 4)
+
+
+def rope_forward(x, cos, sin, weight=None, eps=1e-6):
+    x = _check(x, cos, sin, "x")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    B, T, H, D = x.shape
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel():
+        _rope_fwd_kernel[(B * T,)](
+            x, weight if weight is not None else x, cos, sin, y, T, H, D // 2, eps,
+            x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), *_table_strides(cos),
+            HAS_NORM=weight is not None, **_block(H, D))
+    return y
+
+
+def rope_backward(dy, x, cos, sin, weight=None, eps=1e-6):
+    """Returns (dx, dweight or None)."""
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    B, T, H, D = dy.shape
+    n_tokens = B * T
+    dx = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
+    programs = max(1, min(n_tokens, 8 * num_sms(dy.device)))
+    tokens_per_program = triton.cdiv(n_tokens, programs)
+    programs = max(1, triton.cdiv(n_tokens, tokens_per_program))
+    has_norm = weight is not None
+    dw_partial = torch.empty((programs, D) if has_norm else (1,), dtype=torch.float32, device=dy.device)
+    if n_tokens:
+        _rope_bwd_kernel[(programs,)](
+            dy, x, weight if has_norm else dy, cos, sin, dx, dw_partial, n_tokens, tokens_per_program, T, H, D // 2,
+            eps, dy.stride(0), dy.stride(1), dy.stride(2), x.stride(0), x.stride(1), x.stride(2),
+            dx.stride(0), dx.stride(1), dx.stride(2), *_table_strides(cos), HAS_NORM=has_norm, **_block(H, D))
+    if not has_norm:
+        return dx, None
+    return dx, dw_partial.sum(0).to(weight.dtype) if n_tokens else torch.zeros_like(weight)
+
+
+# --- torch.library registration ---
+
+def _no_table_grad(cos, sin):
+    if cos.requires_grad or sin.requires_grad:
+        raise NotImplementedError("the Triton RoPE kernels give no gradient for cos/sin; "
+                                  "detach them or use the reference backend")
+
+
+@torch.library.custom_op("qwen3_kernels::apply_rope", mutates_args=())
+def _apply_rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return rope_forward(x, cos, sin)
+
+
+@_apply_rope_op.register_fake
+def _(x, cos, sin):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("qwen3_kernels::apply_rope_backward", mutates_args=())
+def _apply_rope_backward_op(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return rope_backward(dy, dy, cos, sin)[0]
+
+
+@_apply_rope_backward_op.register_fake
+def _(dy, cos, sin):
+    return torch.empty_like(dy, memory_format=torch.contiguous_format)
+
+
+def _setup_apply_rope(ctx, inputs, output):
+    _, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _backward_apply_rope(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    return _apply_rope_backward_op(dy, cos, sin), None, None
+
+
+_apply_rope_op.register_autograd(_backward_apply_rope, setup_context=_setup_apply_rope)
+
+
+@torch.library.custom_op("qwen3_kernels::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_forward(q, cos, sin, q_weight, eps), rope_forward(k, cos, sin, k_weight, eps)
+
+
+@_qk_norm_rope_op.register_fake
+def _(q, k, q_weight, k_weight, cos, sin, eps):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("qwen3_kernels::qk_norm_rope_backward", mutates_args=())
+def _qk_norm_rope_backward_op(dq_out: torch.Tensor, dk_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                              q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dqw = rope_backward(dq_out, q, cos, sin, q_weight, eps)
+    dk, dkw = rope_backward(dk_out, k, cos, sin, k_weight, eps)
+    return dq, dk, dqw, dkw
+
+
+@_qk_norm_rope_backward_op.register_fake
+def _(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, eps):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(q_weight), torch.empty_like(k_weight))
+
+
+def _setup_qk_norm_rope(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, eps = inputs
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
+    ctx.eps = eps
+
+
+def _backward_qk_norm_rope(ctx, dq_out, dk_out):
+    q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
+    dq_out = torch.zeros_like(q) if dq_out is None else dq_out
+    dk_out = torch.zeros_like(k) if dk_out is None else dk_out
+    dq, dk, dqw, dkw = _qk_norm_rope_backward_op(dq_out, dk_out, q, k, q_weight, k_weight, cos, sin, ctx.eps)
+    return dq, dk, dqw, dkw, None, None, None
+
+
+_qk_norm_rope_op.register_autograd(_backward_qk_norm_rope, setup_context=_setup_qk_norm_rope)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    _check(x, cos, sin, "x")
+    _no_table_grad(cos, sin)
+    return _apply_rope_op(x, cos, sin)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(q, cos, sin, "q")
+    _check(k, cos, sin, "k")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on (B, T) and head_dim")
+    for name, w, x in (("q_weight", q_weight, q), ("k_weight", k_weight, k)):
+        if w.shape != (x.shape[-1],):
+            raise ValueError(f"{name} shape {tuple(w.shape)} must be (head_dim,) = ({x.shape[-1]},)")
+    _no_table_grad(cos, sin)
+    return _qk_norm_rope_op(q, k, q_weight, k_weight, cos, sin, float(eps))
