@@ -6,6 +6,10 @@ import torch
 
 # Tests choose their backend explicitly; an inherited setting must not change what they check.
 os.environ.pop("QWEN3_KERNELS_BACKEND", None)
+# Without a GPU the Triton kernels run through Triton's interpreter on CPU tensors. @triton.jit reads
+# this when the kernels are defined, so it must be set before qwen3_kernels.ops.triton is imported.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 transformers = pytest.importorskip("transformers")
 

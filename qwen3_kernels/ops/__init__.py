@@ -46,11 +46,11 @@ def _triton_kernels() -> tuple[dict[str, Callable], str]:
     return triton_ops.KERNELS, ""
 
 
-def _device_supports_triton(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+def _device_supports_triton(device: torch.device, dtype: torch.dtype, requested: str) -> tuple[bool, str]:
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if requested == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
             return True, "CPU tensors through Triton's interpreter (TRITON_INTERPRET=1)"
-        return False, "CPU: Triton kernels need a GPU (or TRITON_INTERPRET=1 for testing)"
+        return False, "CPU: the Triton kernels need a GPU (tests force them through TRITON_INTERPRET=1)"
     if device.type != "cuda":
         return False, f"{device.type}: no Triton backend for this device"
     if torch.version.hip:
@@ -62,7 +62,7 @@ def _device_supports_triton(device: torch.device, dtype: torch.dtype) -> tuple[b
         return True, f"CUDA sm_{major}{minor}"
     if major == 7:
         return False, f"CUDA sm_{major}{minor} has no native bfloat16"
-    return False, f"CUDA sm_{major}{minor} is older than Triton supports"
+    return False, f"CUDA sm_{major}{minor} is older than Triton supports (needs sm_70)"
 
 
 _choices: dict[tuple, Choice] = {}
@@ -88,7 +88,7 @@ def _decide(op: str, device: torch.device, dtype: torch.dtype, requested: str) -
     if requested == "reference":
         return Choice("reference", f"forced by {BACKEND_ENV}=reference", reference_fn)
     kernels, why_none = _triton_kernels()
-    supported, why = _device_supports_triton(device, dtype)
+    supported, why = _device_supports_triton(device, dtype, requested)
     if op not in kernels:
         why_not = why_none or "no Triton kernel for this op yet"
     elif dtype not in (torch.float32, torch.float16, torch.bfloat16):

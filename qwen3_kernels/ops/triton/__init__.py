@@ -3,14 +3,12 @@ Triton implementation; ops missing here run the reference."""
 
 import triton  # noqa: F401  (ImportError here tells the dispatcher Triton is unavailable)
 
-from .rms_norm import add_rms_norm, rms_norm
-from .rope import apply_rope, qk_norm_rope
-from .swiglu import swiglu
+from . import rms_norm, rope, swiglu
 
 KERNELS: dict = {
-    "rms_norm": rms_norm,
-    "add_rms_norm": add_rms_norm,
-    "apply_rope": apply_rope,
-    "qk_norm_rope": qk_norm_rope,
-    "swiglu": swiglu,
+    "rms_norm": rms_norm.rms_norm,
+    "add_rms_norm": rms_norm.add_rms_norm,
+    "apply_rope": rope.apply_rope,
+    "qk_norm_rope": rope.qk_norm_rope,
+    "swiglu": swiglu.swiglu,
 }

@@ -1,0 +1,92 @@
+"""Which implementation runs where, torch.library registration (opcheck), and compile-cleanliness."""
+
+import pytest
+import torch
+from kernels import needs_triton, rand
+
+from qwen3_kernels import ops
+
+
+@pytest.fixture
+def fresh_choices(monkeypatch):
+    monkeypatch.setattr(ops, "_choices", {})
+
+
+@pytest.mark.parametrize("capability, dtype, backend", [
+    ((9, 0), torch.bfloat16, "triton"), ((8, 0), torch.float16, "triton"), ((8, 6), torch.float32, "triton"),
+    ((7, 5), torch.float16, "triton"), ((7, 0), torch.float32, "triton"), ((7, 5), torch.bfloat16, "reference"),
+    ((6, 1), torch.float16, "reference"),
+])
+@needs_triton
+def test_choice_by_cuda_capability(monkeypatch, fresh_choices, capability, dtype, backend):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for op, choice in ops.report("cuda:0", dtype).items():
+        expected = "reference" if op == "attention" and "attention" not in _kernel_names() else backend
+        assert choice.backend == expected, (op, choice)
+        assert choice.reason
+
+
+@needs_triton
+def test_rocm_uses_triton(monkeypatch, fresh_choices):
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert ops.choose("rms_norm", "cuda:0", torch.bfloat16).backend == "triton"
+
+
+def _kernel_names():
+    from qwen3_kernels.ops.triton import KERNELS
+    return set(KERNELS)
+
+
+def test_cpu_and_other_devices_use_the_reference(fresh_choices):
+    for device in ("cpu", "meta"):
+        for op, choice in ops.report(device, torch.float32).items():
+            assert choice.backend == "reference", (device, op)
+    assert "GPU" in ops.choose("rms_norm", "cpu", torch.float32).reason
+
+
+@needs_triton
+def test_forcing_triton(monkeypatch, fresh_choices):
+    monkeypatch.setenv("QWEN3_KERNELS_BACKEND", "triton")
+    choice = ops.choose("swiglu", "cpu", torch.float32)  # the interpreter is on (conftest)
+    assert choice.backend == "triton" and "interpreter" in choice.reason
+    x, w = rand(3, 64), rand(64, seed=1)
+    torch.testing.assert_close(ops.rms_norm(x, w), ops.reference.rms_norm(x, w), rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="QWEN3_KERNELS_BACKEND=triton, but rms_norm cannot run Triton on "
+                                           "meta in torch.float32"):
+        ops.choose("rms_norm", "meta", torch.float32)
+    with pytest.raises(RuntimeError, match="int64 is not a kernel dtype"):
+        ops.choose("swiglu", "cpu", torch.int64)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="cannot run Triton on cpu"):
+        ops.choose("swiglu", "cpu", torch.float32)
+
+
+def test_forcing_reference(monkeypatch, fresh_choices):
+    monkeypatch.setenv("QWEN3_KERNELS_BACKEND", "reference")
+    assert all(c.backend == "reference" and "forced" in c.reason for c in ops.report("cpu").values())
+
+
+def test_unknown_op_is_named():
+    with pytest.raises(KeyError, match="unknown op 'layer_norm'"):
+        ops.choose("layer_norm", "cpu", torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "apply_rope", "qk_norm_rope", "swiglu"])
+def test_opcheck(name):
+    import qwen3_kernels.ops.triton  # noqa: F401  (registers the ops)
+    B, T, H, Hkv, D = 2, 3, 4, 2, 16
+    cos, sin = rand(T, D, seed=5), rand(T, D, seed=6)
+    grad = dict(requires_grad=True)
+    args = {
+        "rms_norm": (rand(5, 48).requires_grad_(), rand(48, seed=1).requires_grad_(), 1e-6),
+        "add_rms_norm": (rand(5, 48).requires_grad_(), rand(5, 48, seed=1).requires_grad_(),
+                         rand(48, seed=2).requires_grad_(), 1e-6),
+        "apply_rope": (rand(B, T, H, D).requires_grad_(), cos, sin),
+        "qk_norm_rope": (rand(B, T, H, D).requires_grad_(), rand(B, T, Hkv, D, seed=1).requires_grad_(),
+                         rand(D, seed=2).requires_grad_(), rand(D, seed=3).requires_grad_(), cos, sin, 1e-6),
+        "swiglu": (rand(5, 40).requires_grad_(), rand(5, 40, seed=1).requires_grad_()),
+    }[name]
+    del grad
+    torch.library.opcheck(getattr(torch.ops.qwen3_kernels, name).default, args)

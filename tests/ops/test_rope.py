@@ -1,0 +1,111 @@
+"""Triton QK-norm + RoPE and plain RoPE against float64 and eager PyTorch (the flash-attention rule)."""
+
+import float64
+import pytest
+import torch
+from float64 import assert_within_rule
+from kernels import DEVICES, DTYPES, atol, needs_triton, rand
+
+from qwen3_kernels import calculate_sin_cos
+from qwen3_kernels.ops import reference
+
+pytestmark = needs_triton
+
+# (B, T, H, Hkv, D): Qwen3's head_dim 128 with its 2:1 grouping, head_dim 64, odd counts, one token.
+SHAPES = [(2, 7, 16, 8, 128), (1, 13, 4, 4, 64), (3, 5, 5, 1, 64), (1, 1, 2, 1, 128), (2, 3, 3, 3, 80)]
+
+
+def _rope():
+    from qwen3_kernels.ops.triton import rope
+    return rope
+
+
+def _tables(B, T, D, dtype, device, per_batch=False):
+    positions = torch.arange(T) + (torch.tensor([[0], [9], [4]])[:B] if per_batch else 0)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    sin, cos = calculate_sin_cos(positions, inv_freq, dtype=dtype)
+    return cos.to(device), sin.to(device)
+
+
+def _projection_views(B, T, H, Hkv, D, dtype, device):
+    """q and k as the model gets them: strided views into one (B, T, (H + 2*Hkv) * D) projection."""
+    proj = rand(B, T, (H + 2 * Hkv) * D, dtype=dtype, device=device, scale=2.0)
+    q = proj[..., : H * D].view(B, T, H, D)
+    k = proj[..., H * D: (H + Hkv) * D].view(B, T, Hkv, D)
+    assert B * T == 1 or not (q.is_contiguous() or k.is_contiguous())
+    return q, k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, T, H, Hkv, D", SHAPES)
+def test_qk_norm_rope_forward_and_gradients(device, dtype, B, T, H, Hkv, D):
+    rope = _rope()
+    q, k = _projection_views(B, T, H, Hkv, D, dtype, device)
+    q_before, k_before = q.clone(), k.clone()
+    q, k = q.requires_grad_(), k.requires_grad_()
+    qw = rand(D, dtype=dtype, device=device, seed=1, scale=0.3, offset=1.0).requires_grad_()
+    kw = rand(D, dtype=dtype, device=device, seed=2, scale=0.3, offset=1.0).requires_grad_()
+    cos, sin = _tables(B, T, D, dtype, device, per_batch=B > 1)
+    dq_out, dk_out = rand(B, T, H, D, dtype=dtype, device=device, seed=3), rand(B, T, Hkv, D, dtype=dtype,
+                                                                                device=device, seed=4)
+
+    out = rope.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)
+    assert torch.equal(q, q_before) and torch.equal(k, k_before), "inputs were modified"
+    eager = reference.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, qw, kw)]
+    q64, k64, qw64, kw64 = leaves64
+    exact = (float64.rope(float64.rms_norm(q64, qw64), cos, sin), float64.rope(float64.rms_norm(k64, kw64), cos, sin))
+    for name, o, e, x in zip(("q", "k"), out, eager, exact):
+        assert o.dtype == dtype and o.shape == x.shape
+        assert_within_rule(o, e, x, 2, atol(dtype, x), name)
+
+    grads = torch.autograd.grad(out, (q, k, qw, kw), (dq_out, dk_out))
+    grads_eager = torch.autograd.grad(eager, (q, k, qw, kw), (dq_out, dk_out))
+    grads64 = torch.autograd.grad(exact, leaves64, (dq_out.double(), dk_out.double()))
+    for name, g, ge, g64 in zip(("dq", "dk", "dq_weight", "dk_weight"), grads, grads_eager, grads64):
+        assert_within_rule(g, ge, g64, 3, atol(dtype, g64), name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_apply_rope_forward_and_gradient(device, dtype, per_batch):
+    rope = _rope()
+    B, T, H, D = 2, 11, 3, 64
+    x = rand(B, T, H, D, dtype=dtype, device=device).requires_grad_()
+    cos, sin = _tables(B, T, D, dtype, device, per_batch)
+    dy = rand(B, T, H, D, dtype=dtype, device=device, seed=1)
+    y, y_eager = rope.apply_rope(x, cos, sin), reference.apply_rope(x, cos, sin)
+    x64 = x.detach().double().requires_grad_()
+    y64 = float64.rope(x64, cos, sin)
+    assert_within_rule(y, y_eager, y64, 2, atol(dtype, y64), "y")
+    (dx,), (dx_eager,), (dx64,) = (torch.autograd.grad(o, i, g) for o, i, g in
+                                   ((y, x, dy), (y_eager, x, dy), (y64, x64, dy.double())))
+    assert_within_rule(dx, dx_eager, dx64, 3, atol(dtype, dx64), "dx")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_gradients_are_deterministic(device):
+    rope = _rope()
+    q, k = (t.requires_grad_() for t in _projection_views(3, 9, 4, 2, 64, torch.float32, device))
+    qw, kw = (rand(64, device=device, seed=s, offset=1.0).requires_grad_() for s in (1, 2))
+    cos, sin = _tables(3, 9, 64, torch.float32, device)
+    grads = [torch.autograd.grad(rope.qk_norm_rope(q, k, qw, kw, cos, sin), (qw, kw),
+                                 (torch.ones(3, 9, 4, 64, device=device), torch.ones(3, 9, 2, 64, device=device)))
+             for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_bad_shapes_are_named():
+    rope = _rope()
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8)
+    cos, sin = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"cos/sin must have shape \(T, D\) = \(4, 8\).*got \(3, 8\)"):
+        rope.apply_rope(q, cos[:3], sin[:3])
+    with pytest.raises(ValueError, match=r"q must have shape \(B, T, H, D\), got \(4, 2, 8\)"):
+        rope.qk_norm_rope(q[0], k, torch.ones(8), torch.ones(8), cos, sin)
+    with pytest.raises(ValueError, match=r"k_weight shape \(7,\) must be \(head_dim,\) = \(8,\)"):
+        rope.qk_norm_rope(q, k, torch.ones(8), torch.ones(7), cos, sin)
+    with pytest.raises(NotImplementedError, match="no gradient for cos/sin"):
+        rope.apply_rope(q, cos.requires_grad_(), sin)
