@@ -39,6 +39,10 @@ def row_block(n: int, max_elements: int = 4096) -> tuple[int, int, int]:
     if block_n > 65536:
         raise ValueError(f"rows of {n} elements are longer than the Triton kernels support (65536)")
     rows = max(1, min(64, max_elements // block_n))
-    tile = rows * block_n
-    num_warps = 1 if tile <= 256 else 2 if tile <= 1024 else 4 if tile <= 4096 else 8 if tile <= 16384 else 16
-    return block_n, rows, num_warps
+    return block_n, rows, warps_for(rows * block_n)
+
+
+def warps_for(tile: int) -> int:
+    """About 8 elements of a tile per thread: enough work per thread to hide memory latency, few
+    enough registers that the backward kernels (several live fp32 tiles) do not spill."""
+    return max(1, min(16, tile // (32 * 8)))

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import num_sms
+from ._common import num_sms, warps_for
 
 
 @triton.jit
@@ -20,28 +20,30 @@ def _rope_fwd_kernel(X, W, COS, SIN, Y, T, H, HALF, eps,
     ``y1 = x1*cos1 - x2*sin1``, ``y2 = x2*cos2 + x1*sin2`` (= ``x*cos + rotate_half(x)*sin``)."""
     token = tl.program_id(0).to(tl.int64)
     b, t = token // T, token % T
-    heads = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
-    mask = (heads < H)[:, None] & (cols < HALF)[None, :]
-    x_ptr = X + b * sxb + t * sxt + heads[:, None] * sxh + cols[None, :]
-    x1 = tl.load(x_ptr, mask=mask, other=0.0)
-    x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
-    if HAS_NORM:
-        a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-        rstd = tl.math.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)
-        w1 = tl.load(W + cols, mask=cols < HALF, other=0.0).to(tl.float32)
-        w2 = tl.load(W + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
-        x1 = (a1 * rstd[:, None]).to(x1.dtype).to(tl.float32) * w1[None, :]
-        x2 = (a2 * rstd[:, None]).to(x2.dtype).to(tl.float32) * w2[None, :]
-    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    col_ok = cols < HALF
     c_ptr = b * scb + t * sct + cols
-    cos1 = tl.load(COS + c_ptr, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
-    cos2 = tl.load(COS + c_ptr + HALF, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
-    sin1 = tl.load(SIN + c_ptr, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
-    sin2 = tl.load(SIN + c_ptr + HALF, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
-    y_ptr = Y + b * syb + t * syt + heads[:, None] * syh + cols[None, :]
-    tl.store(y_ptr, (x1 * cos1 - x2 * sin1).to(Y.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + HALF, (x2 * cos2 + x1 * sin2).to(Y.dtype.element_ty), mask=mask)
+    cos1 = tl.load(COS + c_ptr, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(COS + c_ptr + HALF, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    sin1 = tl.load(SIN + c_ptr, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(SIN + c_ptr + HALF, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_NORM:
+        w1 = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(W + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    for h0 in range(0, H, BLOCK_H):  # heads in chunks, so many-head models do not spill
+        heads = h0 + tl.arange(0, BLOCK_H)
+        mask = (heads < H)[:, None] & col_ok[None, :]
+        x_ptr = X + b * sxb + t * sxt + heads[:, None] * sxh + cols[None, :]
+        x1 = tl.load(x_ptr, mask=mask, other=0.0)
+        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
+        a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+        if HAS_NORM:
+            rstd = tl.math.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)[:, None]
+            a1 = (a1 * rstd).to(x1.dtype).to(tl.float32) * w1
+            a2 = (a2 * rstd).to(x2.dtype).to(tl.float32) * w2
+        y_ptr = Y + b * syb + t * syt + heads[:, None] * syh + cols[None, :]
+        tl.store(y_ptr, (a1 * cos1 - a2 * sin1).to(Y.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + HALF, (a2 * cos2 + a1 * sin2).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -52,15 +54,13 @@ def _rope_bwd_kernel(DY, X, W, COS, SIN, DX, DW_PARTIAL, n_tokens, tokens_per_pr
     HAS_NORM (``n = w * xhat``, ``xhat = x * rstd``): ``dx = rstd * (dn*w - xhat * mean(dn*w*xhat))``
     and this program's share of ``dw = sum(dn * xhat)`` goes to one row of DW_PARTIAL."""
     pid = tl.program_id(0)
-    heads = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)
     col_ok = cols < HALF
-    mask = (heads < H)[:, None] & col_ok[None, :]
     if HAS_NORM:
         w1 = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         w2 = tl.load(W + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    dw1 = tl.zeros((BLOCK_H, BLOCK_HALF), dtype=tl.float32)
-    dw2 = tl.zeros((BLOCK_H, BLOCK_HALF), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
     first = pid.to(tl.int64) * tokens_per_program  # int64, so the loop's token index is too
     last = tl.minimum(first + tokens_per_program, n_tokens)
     for token in range(first, last):
@@ -70,32 +70,35 @@ def _rope_bwd_kernel(DY, X, W, COS, SIN, DX, DW_PARTIAL, n_tokens, tokens_per_pr
         cos2 = tl.load(COS + c_ptr + HALF, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         sin1 = tl.load(SIN + c_ptr, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         sin2 = tl.load(SIN + c_ptr + HALF, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        dy_ptr = DY + b * sdb + t * sdt + heads[:, None] * sdh + cols[None, :]
-        dy1 = tl.load(dy_ptr, mask=mask, other=0.0).to(tl.float32)
-        dy2 = tl.load(dy_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        dn1 = dy1 * cos1 + dy2 * sin2
-        dn2 = dy2 * cos2 - dy1 * sin1
-        if HAS_NORM:
-            x_ptr = X + b * sxb + t * sxt + heads[:, None] * sxh + cols[None, :]
-            x1 = tl.load(x_ptr, mask=mask, other=0.0)
-            x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
-            a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-            rstd = tl.math.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)[:, None]
-            xhat1, xhat2 = a1 * rstd, a2 * rstd
-            # the forward rounded xhat to x's dtype before the weight multiply
-            dw1 += dn1 * xhat1.to(x1.dtype).to(tl.float32)
-            dw2 += dn2 * xhat2.to(x2.dtype).to(tl.float32)
-            g1, g2 = dn1 * w1, dn2 * w2
-            mean = ((tl.sum(g1 * xhat1, axis=1) + tl.sum(g2 * xhat2, axis=1)) / (2 * HALF))[:, None]
-            dn1 = (g1 - xhat1 * mean) * rstd
-            dn2 = (g2 - xhat2 * mean) * rstd
-        dx_ptr = DX + b * sgb + t * sgt + heads[:, None] * sgh + cols[None, :]
-        tl.store(dx_ptr, dn1.to(DX.dtype.element_ty), mask=mask)
-        tl.store(dx_ptr + HALF, dn2.to(DX.dtype.element_ty), mask=mask)
+        for h0 in range(0, H, BLOCK_H):
+            heads = h0 + tl.arange(0, BLOCK_H)
+            mask = (heads < H)[:, None] & col_ok[None, :]
+            dy_ptr = DY + b * sdb + t * sdt + heads[:, None] * sdh + cols[None, :]
+            dy1 = tl.load(dy_ptr, mask=mask, other=0.0).to(tl.float32)
+            dy2 = tl.load(dy_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+            dn1 = dy1 * cos1 + dy2 * sin2
+            dn2 = dy2 * cos2 - dy1 * sin1
+            if HAS_NORM:
+                x_ptr = X + b * sxb + t * sxt + heads[:, None] * sxh + cols[None, :]
+                x1 = tl.load(x_ptr, mask=mask, other=0.0)
+                x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
+                a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+                rstd = tl.math.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)[:, None]
+                xhat1, xhat2 = a1 * rstd, a2 * rstd
+                # the forward rounded xhat to x's dtype before the weight multiply
+                dw1 += tl.sum(dn1 * xhat1.to(x1.dtype).to(tl.float32), axis=0)
+                dw2 += tl.sum(dn2 * xhat2.to(x2.dtype).to(tl.float32), axis=0)
+                g1, g2 = dn1 * w1, dn2 * w2
+                mean = ((tl.sum(g1 * xhat1, axis=1) + tl.sum(g2 * xhat2, axis=1)) / (2 * HALF))[:, None]
+                dn1 = (g1 - xhat1 * mean) * rstd
+                dn2 = (g2 - xhat2 * mean) * rstd
+            dx_ptr = DX + b * sgb + t * sgt + heads[:, None] * sgh + cols[None, :]
+            tl.store(dx_ptr, dn1.to(DX.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + HALF, dn2.to(DX.dtype.element_ty), mask=mask)
     if HAS_NORM:
         row = DW_PARTIAL + pid.to(tl.int64) * 2 * HALF
-        tl.store(row + cols, tl.sum(dw1, axis=0), mask=col_ok)
-        tl.store(row + HALF + cols, tl.sum(dw2, axis=0), mask=col_ok)
+        tl.store(row + cols, dw1, mask=col_ok)
+        tl.store(row + HALF + cols, dw2, mask=col_ok)
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str) -> torch.Tensor:
@@ -115,9 +118,9 @@ def _table_strides(cos: torch.Tensor) -> tuple[int, int]:
 
 
 def _block(H: int, D: int) -> dict:
-    block_h, block_half = triton.next_power_of_2(H), triton.next_power_of_2(D // 2)
-    tile = block_h * block_half
-    return dict(BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=1 if tile <= 256 else 2 if tile <= 1024 else 4)
+    block_half = triton.next_power_of_2(D // 2)
+    block_h = min(triton.next_power_of_2(H), max(1, 1024 // block_half))  # a half-tile of <= 1024 elements
+    return dict(BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=warps_for(2 * block_h * block_half))
 
 
 def rope_forward(x, cos, sin, weight=None, eps=1e-6):

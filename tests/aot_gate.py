@@ -1,0 +1,107 @@
+"""Ahead-of-time compile gate, runnable without a GPU: ``python tests/aot_gate.py 90`` compiles every
+Triton kernel of the package at every launch configuration its launcher picks for Qwen3 shapes, for
+sm_80 or sm_90a, runs ptxas -v on each, and prints one JSON line per kernel config (registers, spill
+bytes, shared memory). tests/ops/test_aot_compile.py runs it in a subprocess, because kernels defined
+under TRITON_INTERPRET=1 (as in the CPU test session) cannot be compiled."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+DTYPES = list(TRITON_DTYPES)
+# Qwen3 hidden sizes (0.6B .. 32B) plus head_dim rows; query/KV head counts of the presets.
+HIDDEN = [1024, 2048, 2560, 4096, 5120, 128]
+HEADS = [8, 16, 32, 40, 64]
+
+
+def signature(kernel, pointers: dict, constexprs: dict, floats=("eps", "scale", "sm_scale")) -> dict:
+    """``pointers`` maps pointer args to element types; named float args are fp32, constexprs as
+    given, every other argument an i32."""
+    unknown = [n for n in [*pointers, *constexprs] if n not in kernel.arg_names]
+    if unknown:
+        raise KeyError(f"not arguments of {kernel.fn.__name__}: {unknown}")
+    return {name: "constexpr" if name in constexprs else "*" + pointers[name] if name in pointers
+            else "fp32" if name in floats else "i32" for name in kernel.arg_names}
+
+
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for ``arch`` (newer Triton ships a second one for sm_90+)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(arch).path
+    except ImportError:
+        return triton.knobs.nvidia.ptxas.path
+
+
+def compile_and_report(kernel, pointers, constexprs, arch, num_warps, num_stages=3) -> dict:
+    src = ASTSource(kernel, signature(kernel, pointers, constexprs), constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        out = subprocess.run([_ptxas(arch), f"-arch={gpu}", "-v", ptx, "-o",
+                              os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True)
+    log = out.stdout + out.stderr
+    return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+            "spill_bytes": sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)),
+            "shared_bytes": compiled.metadata.shared}
+
+
+def configs():
+    """(name, kernel, pointer dtypes, constexprs, num_warps, num_stages) for every launch config."""
+    from qwen3_kernels.ops.triton import _common, rope, swiglu
+    from qwen3_kernels.ops.triton import rms_norm as rms
+
+    for dtype in DTYPES:
+        t = TRITON_DTYPES[dtype]
+        for n in HIDDEN:
+            block_n, rows, warps = _common.row_block(n)
+            for residual in (False, True):
+                yield (f"rms_norm_fwd[{dtype},N={n},residual={residual}]", rms._rms_norm_fwd_kernel,
+                       dict(X=t, R=t, W=t, Y=t, S=t, RSTD="fp32"),
+                       dict(HAS_RESIDUAL=residual, BLOCK_N=block_n, ROWS=rows), warps, 3)
+                yield (f"rms_norm_bwd[{dtype},N={n},ds={residual}]", rms._rms_norm_bwd_kernel,
+                       dict(DY=t, X=t, W=t, RSTD="fp32", DS=t, DX=t, DW_PARTIAL="fp32"),
+                       dict(HAS_DS=residual, BLOCK_N=block_n, ROWS=rows), warps, 3)
+        for h in HEADS:
+            for d in (64, 128):
+                block = rope._block(h, d)
+                warps = block.pop("num_warps")
+                for norm in (False, True):
+                    yield (f"rope_fwd[{dtype},H={h},D={d},norm={norm}]", rope._rope_fwd_kernel,
+                           dict(X=t, W=t, COS=t, SIN=t, Y=t), dict(HAS_NORM=norm, **block), warps, 3)
+                    yield (f"rope_bwd[{dtype},H={h},D={d},norm={norm}]", rope._rope_bwd_kernel,
+                           dict(DY=t, X=t, W=t, COS=t, SIN=t, DX=t, DW_PARTIAL="fp32"),
+                           dict(HAS_NORM=norm, **block), warps, 3)
+        yield (f"swiglu_fwd[{dtype}]", swiglu._swiglu_fwd_kernel, dict(G=t, U=t, Y=t),
+               dict(BLOCK=swiglu._BLOCK), 4, 3)
+        yield (f"swiglu_bwd[{dtype}]", swiglu._swiglu_bwd_kernel, dict(DY=t, G=t, U=t, DG=t, DU=t),
+               dict(BLOCK=swiglu._BLOCK), 4, 3)
+    try:
+        from qwen3_kernels.ops.triton import attention
+    except ImportError:
+        return
+    yield from attention.aot_configs() if hasattr(attention, "aot_configs") else ()
+
+
+def main(arch: int) -> None:
+    for name, kernel, pointers, constexprs, warps, stages in configs():
+        report = compile_and_report(kernel, pointers, constexprs, arch, warps, stages)
+        print(json.dumps({"name": name, "arch": arch, "num_warps": warps, "num_stages": stages, **report}), flush=True)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
+    main(int(sys.argv[1]))
