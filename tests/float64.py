@@ -23,8 +23,12 @@ def swiglu(gate, up):
     return gate / (1 + torch.exp(-gate)) * up.double()
 
 
-def attention(q, k, v, causal=True, scale=None):
-    """q (B, Tq, H, D), k/v (B, Tk, Hkv, D); causal mask aligned bottom-right; empty rows are 0."""
+def attention(q, k, v, causal=True, scale=None, kv_lens=None):
+    """q (B, Tq, H, D), k/v (B, Tk, Hkv, D); causal mask aligned bottom-right (to kv_lens[b] when
+    given, keys past it ignored); rows that see no key are 0."""
+    if kv_lens is not None:
+        return torch.cat([attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], causal, scale)
+                          for b, n in enumerate(kv_lens.tolist())])
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     scale = 1 / math.sqrt(D) if scale is None else scale

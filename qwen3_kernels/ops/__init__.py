@@ -130,8 +130,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              softmax_scale: float | None = None) -> torch.Tensor:
-    return choose("attention", q.device, q.dtype).fn(q, k, v, causal, softmax_scale)
+              softmax_scale: float | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+    return choose("attention", q.device, q.dtype).fn(q, k, v, causal, softmax_scale, kv_lens)
 
 
 for _name in OPS:  # the dispatchers document themselves with the reference's contract

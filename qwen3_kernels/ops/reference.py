@@ -53,27 +53,34 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              softmax_scale: float | None = None) -> torch.Tensor:
+              softmax_scale: float | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
     """Grouped-query attention. q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D) with H % Hkv == 0.
 
     The causal mask is aligned bottom-right: query i sees keys ``0 .. Tk - Tq + i``, so the same call
-    serves prefill (Tq == Tk), chunked prefill and decode over a KV cache (Tq < Tk). A query that sees
-    no key at all (only possible when Tq > Tk) gets a zero output, never NaN. Returns (B, Tq, H, D)."""
+    serves prefill (Tq == Tk), chunked prefill and decode over a KV cache (Tq < Tk). ``kv_lens`` (B,)
+    int gives each sequence's number of valid keys in a preallocated cache: keys at or past
+    ``kv_lens[b]`` are ignored and the causal alignment uses ``kv_lens[b]`` in place of Tk. A query
+    that sees no key at all gets a zero output, never NaN. Returns (B, Tq, H, D)."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-    if not causal or Tq == Tk:
+    if kv_lens is None and (not causal or Tq == Tk):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, scale=scale,
                                              enable_gqa=H != Hkv)
-    elif Tq < Tk:
-        visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        return out.transpose(1, 2)  # (B, Tq, H, D)
+    key_pos = torch.arange(Tk, device=q.device)
+    lens = torch.full((B,), Tk, device=q.device) if kv_lens is None else kv_lens.to(q.device)
+    visible = key_pos[None, None, :] < lens[:, None, None]                       # (B, 1, Tk)
+    if causal:
+        last = torch.arange(Tq, device=q.device)[None, :] + (lens[:, None] - Tq)  # (B, Tq)
+        visible = visible & (key_pos[None, None, :] <= last[:, :, None])           # (B, Tq, Tk)
+    visible = visible[:, None].expand(B, 1, Tq, Tk)
+    if bool(visible.any(-1).all()):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=H != Hkv)
-    else:
-        visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    else:  # some query sees no key: SDPA would give NaN there, the contract says zero
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         scores = (q @ k.transpose(-1, -2)).float() * scale
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(q.dtype)
-        out = probs @ v
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        out = probs.to(q.dtype) @ v
     return out.transpose(1, 2)  # (B, Tq, H, D)

@@ -100,3 +100,16 @@ def test_ops_dispatch_to_the_reference_on_cpu(monkeypatch):
         assert choice.backend == "reference" and choice.reason, op
     monkeypatch.setenv("QWEN3_KERNELS_BACKEND", "reference")
     assert "forced" in ops.choose("swiglu", "cpu", torch.float32).reason
+
+
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_attention_with_per_sequence_kv_lengths(Tq):
+    q, k, v = _rand(3, Tq, 4, 8), _rand(3, 20, 2, 8, seed=1), _rand(3, 20, 2, 8, seed=2)
+    kv_lens = torch.tensor([20, 7, 1])
+    out = reference.attention(q, k, v, causal=True, kv_lens=kv_lens)
+    assert not out.isnan().any()
+    assert _rel(out, float64.attention(q, k, v, kv_lens=kv_lens)) < 1e-5
+    # keys past a sequence's length do not matter
+    k2, v2 = k.clone(), v.clone()
+    k2[1, 7:], v2[1, 7:] = 1e4, -1e4
+    torch.testing.assert_close(reference.attention(q, k2, v2, kv_lens=kv_lens), out)

@@ -3,7 +3,7 @@ Triton implementation; ops missing here run the reference."""
 
 import triton  # noqa: F401  (ImportError here tells the dispatcher Triton is unavailable)
 
-from . import rms_norm, rope, swiglu
+from . import attention, rms_norm, rope, swiglu
 
 KERNELS: dict = {
     "rms_norm": rms_norm.rms_norm,
@@ -11,4 +11,5 @@ KERNELS: dict = {
     "apply_rope": rope.apply_rope,
     "qk_norm_rope": rope.qk_norm_rope,
     "swiglu": swiglu.swiglu,
+    "attention": attention.attention,
 }

@@ -1,0 +1,539 @@
+"""Causal grouped-query flash attention: forward, backward, and split-KV decode over a KV cache.
+
+Layouts follow the ops contract: q (B, Tq, H, D), k and v (B, Tk, Hkv, D), query head h reads KV head
+``h // (H // Hkv)`` (K/V are never repeated). The causal mask is aligned bottom-right: query i sees
+keys ``j <= i + kv_len - Tq``, where ``kv_len`` is Tk or, with ``kv_lens``, each sequence's own
+length. Softmax runs in base 2 with log2(e) folded into the scale; the log-sum-exp saved for the
+backward is in base 2 too. A query that sees no key gets a zero output (its LSE is +inf)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import num_sms
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start, end, offs_m, offs_n, offs_d,
+               shift, kv_len, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [start, end). MASKED blocks apply the length and causal masks;
+    the others lie wholly inside every row's visible range and skip them."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < kv_len
+        cols64 = cols.to(tl.int64)
+        if MASKED:
+            k = tl.load(k_base + cols64[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_base + cols64[None, :] * stride_kt + offs_d[:, None])
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        if MASKED:
+            visible = col_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if MASKED:
+            v = tl.load(v_base + cols64[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + cols64[:, None] * stride_vt + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, qk_scale, Tq, Tk, H, GROUP,
+                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                     CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``O = softmax(Q K^T * scale + mask) V`` for one (batch, query head, BLOCK_M queries); also
+    ``LSE = log2(sum(exp2(s)))`` per query. Key blocks above the diagonal are never loaded, blocks
+    fully below it run without a mask, only the diagonal band is masked."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    kv_head = (h // GROUP).to(tl.int64)
+    kv_len = Tk
+    if HAS_KV_LENS:
+        kv_len = tl.load(KV_LENS + b).to(tl.int32)
+    shift = kv_len - Tq  # query i sees keys j <= i + shift
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + b * sqb + h.to(tl.int64) * sqh + offs_m.to(tl.int64)[:, None] * sqt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_base = K + b * skb + kv_head * skh
+    v_base = V + b * svb + kv_head * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:
+        end = tl.maximum(tl.minimum(kv_len, m0 + BLOCK_M + shift), 0)      # past the last row's last key
+        unmasked_end = tl.maximum(tl.minimum(end, m0 + shift + 1), 0)       # keys every row of the block sees
+    else:
+        end = kv_len
+        unmasked_end = kv_len
+    unmasked_end = (unmasked_end // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, 0, unmasked_end, offs_m, offs_n,
+                               offs_d, shift, kv_len, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, unmasked_end, end, offs_m, offs_n,
+                               offs_d, shift, kv_len, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(O + b * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * sot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, Tq, H, sob, sot, soh, sdb, sdt, sdh,
+                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``delta = rowsum(dO * O)`` per query, the softmax backward's correction term."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(O + b * sob + h * soh + rows * sot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows * sdt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, qk_scale, sm_scale, Tq, Tk, H, GROUP,
+                          sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+                          sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
+                          CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """For one (batch, KV head, BLOCK_N keys), summed over the GROUP query heads that read it:
+    ``P^T = exp2(K Q^T * scale - LSE)``, ``dV = P^T dO``, ``dS^T = P^T * (V dO^T - delta)``,
+    ``dK = scale * dS^T Q``. Each program owns its dK/dV rows: deterministic, no atomics."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    n_kv_heads = H // GROUP
+    b = (bhk // n_kv_heads).to(tl.int64)
+    kv_head = bhk % n_kv_heads
+    kv_len = Tk
+    if HAS_KV_LENS:
+        kv_len = tl.load(KV_LENS + b).to(tl.int32)
+    shift = kv_len - Tq
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < kv_len
+    cols = offs_n.to(tl.int64)[:, None]
+    k = tl.load(K + b * skb + kv_head.to(tl.int64) * skh + cols * skt + offs_d[None, :], mask=col_ok[:, None],
+                other=0.0)
+    v = tl.load(V + b * svb + kv_head.to(tl.int64) * svh + cols * svt + offs_d[None, :], mask=col_ok[:, None],
+                other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    first_m = 0
+    if CAUSAL:  # queries before n0 - shift see none of these keys
+        first_m = (tl.maximum(n0 - shift, 0) // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = (kv_head * GROUP + g).to(tl.int64)
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        stat_base = (b * H + h) * Tq
+        for start_m in range(first_m, Tq, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < Tq
+            rows64 = rows.to(tl.int64)
+            q = tl.load(q_base + rows64[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + rows64[:, None] * sdot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + stat_base + rows64, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + stat_base + rows64, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+            visible = col_ok[:, None] & row_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= rows[None, :] + shift)
+            p_t = tl.where(visible, tl.math.exp2(s_t - lse[None, :]), 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    store_ok = (offs_n < Tk)[:, None]
+    tl.store(DK + b * sdkb + kv_head.to(tl.int64) * sdkh + cols * sdkt + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=store_ok)
+    tl.store(DV + b * sdvb + kv_head.to(tl.int64) * sdvh + cols * sdvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, qk_scale, sm_scale, Tq, Tk, H, GROUP,
+                        sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh,
+                        CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """For one (batch, query head, BLOCK_M queries): ``P = exp2(Q K^T * scale - LSE)``,
+    ``dS = P * (dO V^T - delta)``, ``dQ = scale * dS K``, over the key blocks the rows can see."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    kv_head = h // GROUP
+    kv_len = Tk
+    if HAS_KV_LENS:
+        kv_len = tl.load(KV_LENS + b).to(tl.int32)
+    shift = kv_len - Tq
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    rows = offs_m.to(tl.int64)[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + rows * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + rows * sdot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * skb + kv_head * skh
+    v_base = V + b * svb + kv_head * svh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    end = kv_len
+    if CAUSAL:
+        end = tl.maximum(tl.minimum(kv_len, m0 + BLOCK_M + shift), 0)
+    for start_n in range(0, end, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < kv_len
+        cols64 = cols.to(tl.int64)
+        k_t = tl.load(k_base + cols64[None, :] * skt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        v_t = tl.load(v_base + cols64[None, :] * svt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        visible = col_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
+        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
+    tl.store(DQ + b * sdqb + h * sdqh + rows * sdqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, KV_LENS, qk_scale, Tq, Tk, GROUP, split_size, n_splits,
+                        sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
+                        CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Flash-decoding, stage 1: program (batch, KV head, split) attends the GROUP * Tq queries of that
+    KV head (packed as rows ``g * Tq + t``) to its split of the keys, so each K/V byte is read once.
+    Writes the split's normalised partial output and its base-2 LSE (-inf when it saw no key)."""
+    b = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    n_kv_heads = tl.num_programs(1)
+    kv_len = Tk
+    if HAS_KV_LENS:
+        kv_len = tl.load(KV_LENS + b).to(tl.int32)
+    shift = kv_len - Tq
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * Tq
+    t = rows % Tq
+    h = kv_head * GROUP + rows // Tq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + t.to(tl.int64)[:, None] * sqt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_base = K + b * skb + kv_head * skh
+    v_base = V + b * svb + kv_head * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    start = split * split_size
+    end = tl.minimum(start + split_size, kv_len)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, start, end, t, offs_n, offs_d,
+                               shift, kv_len, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION)
+    empty = l_i == 0.0
+    part = ((b * n_kv_heads + kv_head) * n_splits + split) * BLOCK_M + rows
+    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / tl.where(empty, 1.0, l_i)[:, None])
+    tl.store(LSE_PART + part, tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i))))
+
+
+@triton.jit
+def _attn_decode_combine_kernel(O_PART, LSE_PART, O, Tq, GROUP, n_splits, sob, sot, soh,
+                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Flash-decoding, stage 2: ``O = sum_s exp2(lse_s - lse) * O_s`` with ``lse = log2(sum_s exp2(lse_s))``
+    for one packed query row; a row no split saw stays zero."""
+    b = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
+    row = tl.program_id(2)
+    n_kv_heads = tl.num_programs(1)
+    splits = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    split_ok = splits < n_splits
+    part = ((b * n_kv_heads + kv_head) * n_splits + splits) * BLOCK_M + row
+    lse = tl.load(LSE_PART + part, mask=split_ok, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)
+    o = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=split_ok[:, None], other=0.0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    t = row % Tq
+    h = kv_head * GROUP + row // Tq
+    tl.store(O + b * sob + h * soh + t.to(tl.int64) * sot + offs_d, out.to(O.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def fwd_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
+    """Block sizes of the forward kernel: tile and warps per architecture, smaller for fp32 (twice
+    the bytes per element) and on the CPU interpreter (where only correctness matters)."""
+    arch = _arch(device)
+    if arch == 0:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    wide = dtype == torch.float32
+    if arch >= 90:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=8 if head_dim > 64 else 4,
+                   num_stages=3 if head_dim <= 64 else 2)
+    if wide:
+        cfg.update(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    return cfg
+
+
+def bwd_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
+    if _arch(device) == 0:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=32 if head_dim > 64 else 64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8,
+                num_stages=2 if _arch(device) >= 90 else 1)
+
+
+def decode_config(device: torch.device, head_dim: int, dtype: torch.dtype, packed_rows: int) -> dict:
+    block_m = max(16, triton.next_power_of_2(packed_rows))
+    if _arch(device) == 0:
+        return dict(BLOCK_M=block_m, BLOCK_N=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=block_m, BLOCK_N=64 if dtype != torch.float32 else 32, num_warps=4, num_stages=2)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently run as TF32: the result would be ~1e-3 off eager fp32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check(q, k, v, kv_lens):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects q (B, Tq, H, D) and k, v (B, Tk, Hkv, D), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Tq, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, Tk, Hkv, D={D})")
+    if H % k.shape[2]:
+        raise ValueError(f"attention: query heads ({H}) must be a multiple of KV heads ({k.shape[2]})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if kv_lens is not None:
+        if kv_lens.shape != (B,) or kv_lens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"attention: kv_lens must be an int32/int64 tensor of shape ({B},), got "
+                             f"{kv_lens.dtype} {tuple(kv_lens.shape)}")
+        if kv_lens.device != q.device:
+            raise ValueError(f"attention: kv_lens is on {kv_lens.device}, q on {q.device}")
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None):
+    """Returns (out (B, Tq, H, D), lse (B, H, Tq) fp32, base 2)."""
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    cfg = fwd_config(q.device, D, q.dtype)
+    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, kv_lens if kv_lens is not None else q, softmax_scale * LOG2E, Tq, Tk, H, H // Hkv,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **cfg)
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float, kv_lens=None):
+    """Returns (dq, dk, dv)."""
+    do, q, k, v = _unit_stride(do), _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
+        out, do, delta, Tq, H, *out.stride()[:3], *do.stride()[:3], HEAD_DIM=D, BLOCK_M=64, num_warps=4)
+    cfg = bwd_config(q.device, D, q.dtype)
+    common = dict(CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype),
+                  **cfg)
+    lens = kv_lens if kv_lens is not None else q
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, lens, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H, H // Hkv,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        **common)
+    _attn_bwd_dq_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dq, lens, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H, H // Hkv,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], **common)
+    return dq, dk, dv
+
+
+def num_splits(batch: int, kv_heads: int, max_kv_len: int, block_n: int, sms: int) -> int:
+    """Enough (batch, KV head, split) programs to fill the GPU about twice, each with at least a few
+    key blocks of work."""
+    if max_kv_len <= 0:
+        return 1
+    want = triton.cdiv(2 * sms, batch * kv_heads)
+    return max(1, min(want, triton.cdiv(max_kv_len, 4 * block_n), 128))
+
+
+def decode_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None):
+    """Split-KV attention for few queries over many keys; returns out (B, Tq, H, D)."""
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    group = H // Hkv
+    cfg = decode_config(q.device, D, q.dtype, group * Tq)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    splits = num_splits(B, Hkv, Tk, block_n, num_sms(q.device))
+    split_size = triton.cdiv(triton.cdiv(max(Tk, 1), splits), block_n) * block_n
+    o_part = torch.empty((B, Hkv, splits, block_m, D), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B, Hkv, splits, block_m), dtype=torch.float32, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    _attn_decode_kernel[(B, Hkv, splits)](
+        q, k, v, o_part, lse_part, kv_lens if kv_lens is not None else q, softmax_scale * LOG2E, Tq, Tk, group,
+        split_size, splits, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **cfg)
+    _attn_decode_combine_kernel[(B, Hkv, group * Tq)](
+        o_part, lse_part, out, Tq, group, splits, *out.stride()[:3],
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_S=triton.next_power_of_2(splits), num_warps=4 if D > 64 else 2)
+    return out
+
+
+def use_decode_kernel(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Few packed query rows over many keys: the split-KV kernel keeps the GPU busy where the
+    prefill kernel would launch only B * H programs."""
+    Tq, H, Tk, Hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    return (H // Hkv) * Tq <= 64 and Tk >= 4 * Tq
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("qwen3_kernels::flash_attention", mutates_args=())
+def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
+                        causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, causal, softmax_scale, kv_lens)
+
+
+@_flash_attention_op.register_fake
+def _(q, k, v, kv_lens, causal, softmax_scale):
+    B, Tq, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("qwen3_kernels::flash_attention_backward", mutates_args=())
+def _flash_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor, kv_lens: torch.Tensor | None, causal: bool,
+                                 softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, out, lse, causal, softmax_scale, kv_lens)
+
+
+@_flash_attention_backward_op.register_fake
+def _(do, q, k, v, out, lse, kv_lens, causal, softmax_scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_flash_attention(ctx, inputs, output):
+    q, k, v, kv_lens, causal, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_lens)
+    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+
+
+def _backward_flash_attention(ctx, dout, _dlse):
+    q, k, v, out, lse, kv_lens = ctx.saved_tensors
+    dq, dk, dv = _flash_attention_backward_op(dout, q, k, v, out, lse, kv_lens, ctx.causal, ctx.softmax_scale)
+    return dq, dk, dv, None, None, None
+
+
+_flash_attention_op.register_autograd(_backward_flash_attention, setup_context=_setup_flash_attention)
+
+
+@torch.library.custom_op("qwen3_kernels::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
+                         causal: bool, softmax_scale: float) -> torch.Tensor:
+    return decode_forward(q, k, v, causal, softmax_scale, kv_lens)
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, kv_lens, causal, softmax_scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+_warned_head_dims: set = set()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              softmax_scale: float | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+    _check(q, k, v, kv_lens)
+    D = q.shape[-1]
+    if D not in HEAD_DIMS:
+        from .. import reference
+        if D not in _warned_head_dims:
+            _warned_head_dims.add(D)
+            logging.getLogger(__name__).warning(
+                "attention: head_dim %d has no Triton kernel (supported: %s); using the reference", D, HEAD_DIMS)
+        return reference.attention(q, k, v, causal, softmax_scale, kv_lens)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if not needs_grad and use_decode_kernel(q, k):
+        return _decode_attention_op(q, k, v, kv_lens, causal, scale)
+    return _flash_attention_op(q, k, v, kv_lens, causal, scale)[0]
