@@ -22,7 +22,7 @@ HIDDEN = [1024, 2048, 2560, 4096, 5120, 128]
 HEADS = [8, 16, 32, 40, 64]
 
 
-def signature(kernel, pointers: dict, constexprs: dict, floats=("eps", "scale", "sm_scale")) -> dict:
+def signature(kernel, pointers: dict, constexprs: dict, floats=("eps", "qk_scale", "sm_scale")) -> dict:
     """``pointers`` maps pointer args to element types; named float args are fp32, constexprs as
     given, every other argument an i32."""
     unknown = [n for n in [*pointers, *constexprs] if n not in kernel.arg_names]
@@ -88,15 +88,51 @@ def configs():
                dict(BLOCK=swiglu._BLOCK), 4, 3)
         yield (f"swiglu_bwd[{dtype}]", swiglu._swiglu_bwd_kernel, dict(DY=t, G=t, U=t, DG=t, DU=t),
                dict(BLOCK=swiglu._BLOCK), 4, 3)
-    try:
-        from qwen3_kernels.ops.triton import attention
-    except ImportError:
-        return
-    yield from attention.aot_configs() if hasattr(attention, "aot_configs") else ()
+
+
+def attention_configs(arch: int):
+    """Every attention kernel at the configs its launcher picks on sm_{arch} for head_dim 64/128,
+    each dtype, causal, with and without per-sequence KV lengths, and Qwen3's GQA groups (decode)."""
+    from qwen3_kernels.ops.triton import attention as attn
+    import torch
+
+    for dtype in DTYPES:
+        t = TRITON_DTYPES[dtype]
+        torch_dtype = getattr(torch, dtype)
+        precision = attn._dot_precision(torch_dtype)
+        for d in (64, 128):
+            for kv_lens in (False, True):
+                flags = dict(CAUSAL=True, HAS_KV_LENS=kv_lens, HEAD_DIM=d, DOT_PRECISION=precision)
+                tag = f"{dtype},D={d},kv_lens={kv_lens}"
+                cfg = attn.fwd_config(arch, d, torch_dtype)
+                blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+                yield (f"attn_fwd[{tag}]", attn._attn_fwd_kernel,
+                       dict(Q=t, K=t, V=t, O=t, LSE="fp32", KV_LENS="i32"), {**flags, **blocks},
+                       cfg["num_warps"], cfg["num_stages"])
+                cfg = attn.bwd_config(arch, d, torch_dtype)
+                blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+                yield (f"attn_bwd_dkdv[{tag}]", attn._attn_bwd_dkdv_kernel,
+                       dict(Q=t, K=t, V=t, DO=t, LSE="fp32", DELTA="fp32", DK=t, DV=t, KV_LENS="i32"),
+                       {**flags, **blocks}, cfg["num_warps"], cfg["num_stages"])
+                yield (f"attn_bwd_dq[{tag}]", attn._attn_bwd_dq_kernel,
+                       dict(Q=t, K=t, V=t, DO=t, LSE="fp32", DELTA="fp32", DQ=t, KV_LENS="i32"),
+                       {**flags, **blocks}, cfg["num_warps"], cfg["num_stages"])
+                for group in (1, 2, 4, 5, 8):  # H / Hkv of the Qwen3 presets, and MHA
+                    cfg = attn.decode_config(arch, d, torch_dtype, group)
+                    blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+                    yield (f"attn_decode[{tag},group={group}]", attn._attn_decode_kernel,
+                           dict(Q=t, K=t, V=t, O_PART="fp32", LSE_PART="fp32", KV_LENS="i32"),
+                           {**flags, **blocks}, cfg["num_warps"], cfg["num_stages"])
+            yield (f"attn_bwd_delta[{dtype},D={d}]", attn._attn_bwd_delta_kernel, dict(O=t, DO=t, DELTA="fp32"),
+                   dict(HEAD_DIM=d, BLOCK_M=attn.DELTA_BLOCK_M), 4, 3)
+            for block_s in (1, 16, 128):
+                yield (f"attn_decode_combine[{dtype},D={d},splits<={block_s}]", attn._attn_decode_combine_kernel,
+                       dict(O_PART="fp32", LSE_PART="fp32", O=t), dict(HEAD_DIM=d, BLOCK_M=16, BLOCK_S=block_s),
+                       4 if d > 64 else 2, 3)
 
 
 def main(arch: int) -> None:
-    for name, kernel, pointers, constexprs, warps, stages in configs():
+    for name, kernel, pointers, constexprs, warps, stages in [*configs(), *attention_configs(arch)]:
         report = compile_and_report(kernel, pointers, constexprs, arch, warps, stages)
         print(json.dumps({"name": name, "arch": arch, "num_warps": warps, "num_stages": stages, **report}), flush=True)
 

@@ -36,7 +36,7 @@ def kernels_on_cpu(monkeypatch):
 
 @needs_triton
 def test_fused_model_matches_reference_logits_and_gradients(kernels_on_cpu):
-    assert sum(c.backend == "triton" for c in ops.report("cpu").values()) >= 5
+    assert all(c.backend == "triton" for c in ops.report("cpu").values())
     reference, fused = _pair()
     ids = torch.randint(0, SMALL.vocab_size, (2, 21), generator=torch.Generator().manual_seed(1))
     ref_logits, fused_logits = reference(ids), fused(ids)

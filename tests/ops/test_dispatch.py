@@ -22,8 +22,7 @@ def test_choice_by_cuda_capability(monkeypatch, fresh_choices, capability, dtype
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.version, "hip", None)
     for op, choice in ops.report("cuda:0", dtype).items():
-        expected = "reference" if op == "attention" and "attention" not in _kernel_names() else backend
-        assert choice.backend == expected, (op, choice)
+        assert choice.backend == backend, (op, choice)
         assert choice.reason
 
 
@@ -31,11 +30,6 @@ def test_choice_by_cuda_capability(monkeypatch, fresh_choices, capability, dtype
 def test_rocm_uses_triton(monkeypatch, fresh_choices):
     monkeypatch.setattr(torch.version, "hip", "6.2")
     assert ops.choose("rms_norm", "cuda:0", torch.bfloat16).backend == "triton"
-
-
-def _kernel_names():
-    from qwen3_kernels.ops.triton import KERNELS
-    return set(KERNELS)
 
 
 def test_cpu_and_other_devices_use_the_reference(fresh_choices):
@@ -73,12 +67,12 @@ def test_unknown_op_is_named():
 
 
 @needs_triton
-@pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "apply_rope", "qk_norm_rope", "swiglu"])
+@pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "apply_rope", "qk_norm_rope", "swiglu",
+                                  "flash_attention", "decode_attention"])
 def test_opcheck(name):
     import qwen3_kernels.ops.triton  # noqa: F401  (registers the ops)
     B, T, H, Hkv, D = 2, 3, 4, 2, 16
     cos, sin = rand(T, D, seed=5), rand(T, D, seed=6)
-    grad = dict(requires_grad=True)
     args = {
         "rms_norm": (rand(5, 48).requires_grad_(), rand(48, seed=1).requires_grad_(), 1e-6),
         "add_rms_norm": (rand(5, 48).requires_grad_(), rand(5, 48, seed=1).requires_grad_(),
@@ -87,6 +81,9 @@ def test_opcheck(name):
         "qk_norm_rope": (rand(B, T, H, D).requires_grad_(), rand(B, T, Hkv, D, seed=1).requires_grad_(),
                          rand(D, seed=2).requires_grad_(), rand(D, seed=3).requires_grad_(), cos, sin, 1e-6),
         "swiglu": (rand(5, 40).requires_grad_(), rand(5, 40, seed=1).requires_grad_()),
+        "flash_attention": (rand(B, 19, H, D).requires_grad_(), rand(B, 23, Hkv, D, seed=1).requires_grad_(),
+                            rand(B, 23, Hkv, D, seed=2).requires_grad_(), None, True, 0.25),
+        "decode_attention": (rand(B, 1, H, D), rand(B, 40, Hkv, D, seed=1), rand(B, 40, Hkv, D, seed=2),
+                             torch.tensor([40, 17], dtype=torch.int32), True, 0.25),
     }[name]
-    del grad
     torch.library.opcheck(getattr(torch.ops.qwen3_kernels, name).default, args)

@@ -316,37 +316,37 @@ def _arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def fwd_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes of the forward kernel: tile and warps per architecture, smaller for fp32 (twice
-    the bytes per element) and on the CPU interpreter (where only correctness matters)."""
-    arch = _arch(device)
+def fwd_config(arch: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Block sizes of the forward kernel for sm_{arch} (0: the CPU interpreter, where only
+    correctness matters). fp32 (a correctness path, exact IEEE dots) gets small tiles: larger ones
+    spill. Every config here is compiled for sm_80 and sm_90a by tests/aot_gate.py."""
     if arch == 0:
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    wide = dtype == torch.float32
-    if arch >= 90:
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4, num_stages=3)
-    else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=8 if head_dim > 64 else 4,
-                   num_stages=3 if head_dim <= 64 else 2)
-    if wide:
-        cfg.update(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    return cfg
-
-
-def bwd_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
-    if _arch(device) == 0:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=32 if head_dim > 64 else 64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8,
-                num_stages=2 if _arch(device) >= 90 else 1)
+        return dict(BLOCK_M=32 if head_dim <= 64 else 16, BLOCK_N=16, num_warps=4, num_stages=2)
+    if arch >= 90:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=8 if head_dim > 64 else 4,
+                num_stages=3 if head_dim <= 64 else 2)
 
 
-def decode_config(device: torch.device, head_dim: int, dtype: torch.dtype, packed_rows: int) -> dict:
+def bwd_config(arch: int, head_dim: int, dtype: torch.dtype) -> dict:
+    if arch == 0 or dtype == torch.float32:
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64 if head_dim <= 64 and arch >= 90 else 32, BLOCK_N=64,
+                num_warps=4 if head_dim <= 64 else 8, num_stages=2 if arch >= 90 else 1)
+
+
+def decode_config(arch: int, head_dim: int, dtype: torch.dtype, packed_rows: int) -> dict:
     block_m = max(16, triton.next_power_of_2(packed_rows))
-    if _arch(device) == 0:
+    if arch == 0:
         return dict(BLOCK_M=block_m, BLOCK_N=16, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=block_m, BLOCK_N=64 if dtype != torch.float32 else 32, num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=block_m, BLOCK_N=16, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4, num_stages=2)
+
+
+DELTA_BLOCK_M = 32
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -386,7 +386,7 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    cfg = fwd_config(q.device, D, q.dtype)
+    cfg = fwd_config(_arch(q.device), D, q.dtype)
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, kv_lens if kv_lens is not None else q, softmax_scale * LOG2E, Tq, Tk, H, H // Hkv,
@@ -406,9 +406,9 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
-        out, do, delta, Tq, H, *out.stride()[:3], *do.stride()[:3], HEAD_DIM=D, BLOCK_M=64, num_warps=4)
-    cfg = bwd_config(q.device, D, q.dtype)
+    _attn_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
+        out, do, delta, Tq, H, *out.stride()[:3], *do.stride()[:3], HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
+    cfg = bwd_config(_arch(q.device), D, q.dtype)
     common = dict(CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype),
                   **cfg)
     lens = kv_lens if kv_lens is not None else q
@@ -437,7 +437,7 @@ def decode_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None):
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     group = H // Hkv
-    cfg = decode_config(q.device, D, q.dtype, group * Tq)
+    cfg = decode_config(_arch(q.device), D, q.dtype, group * Tq)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     splits = num_splits(B, Hkv, Tk, block_n, num_sms(q.device))
     split_size = triton.cdiv(triton.cdiv(max(Tk, 1), splits), block_n) * block_n

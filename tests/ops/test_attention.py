@@ -1,0 +1,156 @@
+"""Triton flash attention (forward, backward, split-KV decode) against float64 and eager PyTorch,
+under the flash-attention rule. On the CPU the kernels run in Triton's interpreter, which cannot do
+tl.dot on bfloat16, so bf16 is covered by the CUDA cases."""
+
+import float64
+import pytest
+import torch
+from float64 import assert_within_rule
+from kernels import DEVICES, atol, needs_triton, rand
+
+from qwen3_kernels.ops import reference
+
+pytestmark = needs_triton
+
+DTYPES = [torch.float32, torch.float16]
+GPU_DTYPES = [torch.bfloat16] if torch.cuda.is_available() else []
+HEADS = [(16, 8), (8, 1), (4, 4)]
+
+
+def _attention():
+    from qwen3_kernels.ops.triton import attention
+    return attention
+
+
+def _inputs(B, Tq, Tk, H, Hkv, D, dtype, device, grad=True):
+    q = rand(B, Tq, H, D, dtype=dtype, device=device, seed=0)
+    k = rand(B, Tk, Hkv, D, dtype=dtype, device=device, seed=1)
+    v = rand(B, Tk, Hkv, D, dtype=dtype, device=device, seed=2)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def _check(B, Tq, Tk, H, Hkv, D, dtype, device, grads=True, kv_lens=None):
+    attn = _attention()
+    q, k, v = _inputs(B, Tq, Tk, H, Hkv, D, dtype, device, grads)
+    with torch.set_grad_enabled(grads):
+        out = attn.attention(q, k, v, causal=True, kv_lens=kv_lens)
+        eager = reference.attention(q, k, v, causal=True, kv_lens=kv_lens)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = float64.attention(*leaves64, kv_lens=kv_lens.cpu() if kv_lens is not None else None)
+    assert out.dtype == dtype
+    assert_within_rule(out, eager, exact.to(out.device), 2, atol(dtype, exact), "out")
+    if not grads:
+        return
+    dout = rand(B, Tq, H, D, dtype=dtype, device=device, seed=3)
+    grads_ = torch.autograd.grad(out, (q, k, v), dout)
+    grads_eager = torch.autograd.grad(eager, (q, k, v), dout)
+    grads64 = torch.autograd.grad(exact, leaves64, dout.double().cpu())
+    for name, g, ge, g64 in zip(("dq", "dk", "dv"), grads_, grads_eager, grads64):
+        assert_within_rule(g, ge, g64.to(g.device), 3, atol(dtype, g64), name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + GPU_DTYPES)
+@pytest.mark.parametrize("T", [1, 77, 130, 256])
+@pytest.mark.parametrize("H, Hkv", HEADS)
+def test_prefill_forward_and_backward(device, dtype, T, H, Hkv):
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter cannot run tl.dot on bf16")
+    D = 128 if (H, Hkv) == (16, 8) else 64
+    _check(1 if T > 100 else 2, T, T, H, Hkv, D, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + GPU_DTYPES)
+@pytest.mark.parametrize("H, Hkv", HEADS)
+def test_chunked_prefill_bottom_right_causal(device, dtype, H, Hkv):
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter cannot run tl.dot on bf16")
+    _check(2, 19, 83, H, Hkv, 64, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + GPU_DTYPES)
+@pytest.mark.parametrize("Tk", [1, 1000])
+@pytest.mark.parametrize("H, Hkv", HEADS)
+def test_decode_split_kv(device, dtype, Tk, H, Hkv):
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter cannot run tl.dot on bf16")
+    attn = _attention()
+    q, k, _ = _inputs(2, 1, Tk, H, Hkv, 128, dtype, device, grad=False)
+    assert attn.use_decode_kernel(q, k) == (Tk >= 4)
+    _check(2, 1, Tk, H, Hkv, 128, dtype, device, grads=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_batch_of_mixed_kv_lengths(device, Tq):
+    kv_lens = torch.tensor([300, 1, 77, 2], device=device, dtype=torch.int32)
+    _check(4, Tq, 300, 8, 2, 64, torch.float32, device, grads=False, kv_lens=kv_lens)  # split-KV decode
+    _check(4, Tq, 300, 8, 2, 64, torch.float32, device, grads=True, kv_lens=kv_lens)   # flash fwd + bwd
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grads", [False, True])
+def test_rows_that_see_no_key_are_zero_not_nan(device, grads):
+    attn = _attention()
+    q, k, v = _inputs(1, 40, 9, 4, 2, 64, torch.float32, device, grads)  # Tq > Tk: the first 31 rows see nothing
+    out = attn.attention(q, k, v)
+    assert not out.isnan().any()
+    assert torch.equal(out[:, :31], torch.zeros_like(out[:, :31]))
+    if grads:
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert not any(g.isnan().any() for g in (dq, dk, dv))
+        assert torch.equal(dq[:, :31], torch.zeros_like(dq[:, :31]))
+    _check(1, 40, 9, 4, 2, 64, torch.float32, device, grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_deterministic(device):
+    attn = _attention()
+    q, k, v = _inputs(2, 70, 70, 8, 2, 64, torch.float16, device)
+    dout = rand(2, 70, 8, 64, dtype=torch.float16, device=device, seed=3)
+    first = torch.autograd.grad(attn.attention(q, k, v), (q, k, v), dout)
+    second = torch.autograd.grad(attn.attention(q, k, v), (q, k, v), dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_causal_and_custom_scale(device):
+    attn = _attention()
+    q, k, v = _inputs(1, 21, 33, 4, 2, 32, torch.float32, device, grad=False)
+    out = attn.attention(q, k, v, causal=False, softmax_scale=0.2)
+    exact = float64.attention(q.cpu(), k.cpu(), v.cpu(), causal=False, scale=0.2)
+    eager = reference.attention(q, k, v, causal=False, softmax_scale=0.2)
+    assert_within_rule(out, eager, exact.to(device), 2, atol(torch.float32, exact), "out")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_projection_views(device):
+    """q/k/v as views of one fused projection output, read in place."""
+    attn = _attention()
+    qkv = rand(2, 17, (4 + 2 + 2) * 64, device=device)
+    q = qkv[..., :256].view(2, 17, 4, 64)
+    k = qkv[..., 256:384].view(2, 17, 2, 64)
+    v = qkv[..., 384:].view(2, 17, 2, 64)
+    torch.testing.assert_close(attn.attention(q, k, v), reference.attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_head_dim_falls_back_with_a_warning(caplog, monkeypatch):
+    attn = _attention()
+    monkeypatch.setattr(attn, "_warned_head_dims", set())
+    q, k, v = _inputs(1, 5, 5, 2, 1, 24, torch.float32, "cpu", grad=False)
+    out = attn.attention(q, k, v)
+    torch.testing.assert_close(out, reference.attention(q, k, v))
+    assert any("head_dim 24 has no Triton kernel" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_inputs_are_named():
+    attn = _attention()
+    q, k, v = torch.randn(1, 4, 6, 16), torch.randn(1, 4, 4, 16), torch.randn(1, 4, 4, 16)
+    with pytest.raises(ValueError, match=r"query heads \(6\) must be a multiple of KV heads \(4\)"):
+        attn.attention(q, k, v)
+    with pytest.raises(ValueError, match=r"kv_lens must be an int32/int64 tensor of shape \(1,\)"):
+        attn.attention(torch.randn(1, 4, 4, 16), k, v, kv_lens=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="must both be"):
+        attn.attention(torch.randn(1, 4, 4, 16), k, v[..., :8])
