@@ -104,11 +104,11 @@ def attention_configs(arch: int):
             for kv_lens in (False, True):
                 flags = dict(CAUSAL=True, HAS_KV_LENS=kv_lens, HEAD_DIM=d, DOT_PRECISION=precision)
                 tag = f"{dtype},D={d},kv_lens={kv_lens}"
-                cfg = attn.fwd_config(arch, d, torch_dtype)
-                blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-                yield (f"attn_fwd[{tag}]", attn._attn_fwd_kernel,
-                       dict(Q=t, K=t, V=t, O=t, LSE="fp32", KV_LENS="i32"), {**flags, **blocks},
-                       cfg["num_warps"], cfg["num_stages"])
+                for cfg in attn.fwd_candidates(arch, d, torch_dtype):  # the whole autotune set
+                    blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+                    yield (f"attn_fwd[{tag},{cfg['BLOCK_M']}x{cfg['BLOCK_N']}]", attn._attn_fwd_kernel,
+                           dict(Q=t, K=t, V=t, O=t, LSE="fp32", KV_LENS="i32"), {**flags, **blocks},
+                           cfg["num_warps"], cfg["num_stages"])
                 cfg = attn.bwd_config(arch, d, torch_dtype)
                 blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
                 yield (f"attn_bwd_dkdv[{tag}]", attn._attn_bwd_dkdv_kernel,
@@ -131,10 +131,29 @@ def attention_configs(arch: int):
                        4 if d > 64 else 2, 3)
 
 
+def all_configs(arch: int) -> list:
+    return [*configs(), *attention_configs(arch)]
+
+
+_worker_configs: list = []
+
+
+def _compile_one(job: tuple) -> str:
+    arch, index = job
+    if not _worker_configs:
+        _worker_configs.extend(all_configs(arch))
+    name, kernel, pointers, constexprs, warps, stages = _worker_configs[index]
+    report = compile_and_report(kernel, pointers, constexprs, arch, warps, stages)
+    return json.dumps({"name": name, "arch": arch, "num_warps": warps, "num_stages": stages, **report})
+
+
 def main(arch: int) -> None:
-    for name, kernel, pointers, constexprs, warps, stages in [*configs(), *attention_configs(arch)]:
-        report = compile_and_report(kernel, pointers, constexprs, arch, warps, stages)
-        print(json.dumps({"name": name, "arch": arch, "num_warps": warps, "num_stages": stages, **report}), flush=True)
+    import multiprocessing
+
+    jobs = [(arch, i) for i in range(len(all_configs(arch)))]
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count() or 1) as pool:  # compiling is CPU-bound
+        for line in pool.imap(_compile_one, jobs, chunksize=4):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

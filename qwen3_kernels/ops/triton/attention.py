@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 import triton
@@ -317,17 +318,61 @@ def _arch(device: torch.device) -> int:
 
 
 def fwd_config(arch: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes of the forward kernel for sm_{arch} (0: the CPU interpreter, where only
-    correctness matters). fp32 (a correctness path, exact IEEE dots) gets small tiles: larger ones
-    spill. Every config here is compiled for sm_80 and sm_90a by tests/aot_gate.py."""
+    """The default block sizes of the forward kernel for sm_{arch} (0: the CPU interpreter, where only
+    correctness matters); the first entry of ``fwd_candidates``. fp32 (a correctness path with exact
+    IEEE dots) gets small tiles: larger ones spill."""
+    return fwd_candidates(arch, head_dim, dtype)[0]
+
+
+def fwd_candidates(arch: int, head_dim: int, dtype: torch.dtype) -> list[dict]:
+    """The forward autotune set, default first. Every entry is compiled for sm_80 and sm_90a and
+    checked for spills by tests/aot_gate.py."""
+    def cfg(m, n, warps, stages):
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+
     if arch == 0:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+        return [cfg(16, 16, 4, 1)]
     if dtype == torch.float32:
-        return dict(BLOCK_M=32 if head_dim <= 64 else 16, BLOCK_N=16, num_warps=4, num_stages=2)
+        return [cfg(32 if head_dim <= 64 else 16, 16, 4, 2)]
     if arch >= 90:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=8 if head_dim > 64 else 4,
-                num_stages=3 if head_dim <= 64 else 2)
+        if head_dim > 64:
+            return [cfg(128, 64, 8, 3), cfg(128, 64, 8, 2), cfg(64, 64, 8, 3), cfg(64, 32, 8, 4)]
+        return [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 4), cfg(64, 32, 4, 3)]
+    if head_dim > 64:
+        return [cfg(128, 32, 8, 2), cfg(128, 32, 8, 3), cfg(128, 64, 8, 3), cfg(64, 32, 8, 3)]
+    return [cfg(128, 64, 4, 3), cfg(64, 64, 4, 3), cfg(128, 32, 4, 3), cfg(64, 32, 4, 4)]
+
+
+def _fits_shared_memory(cfg: dict, head_dim: int, elem_bytes: int, limit: int) -> bool:
+    # Q tile plus a K and a V tile per pipeline stage: what the software pipeline keeps resident.
+    need = (cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"]) * head_dim * elem_bytes
+    return need <= limit
+
+
+_tuned_fwd: dict[tuple, dict] = {}
+
+
+def _length_bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), 16384)
+
+
+def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch) -> dict:
+    """The fastest forward config for this (arch, length bucket, head_dim, dtype), measured once with
+    ``launch(cfg)``. The default config is used where measuring is impossible or unwanted: the
+    interpreter, CUDA-graph capture, or ``QWEN3_KERNELS_AUTOTUNE=0`` (how tests pin one config)."""
+    arch, D = _arch(q.device), q.shape[-1]
+    candidates = fwd_candidates(arch, D, q.dtype)
+    if (len(candidates) == 1 or os.environ.get("QWEN3_KERNELS_AUTOTUNE", "1") == "0"
+            or torch.cuda.is_current_stream_capturing()):
+        return candidates[0]
+    key = (q.device.index, arch, D, q.dtype, _length_bucket(q.shape[1]), _length_bucket(k.shape[1]), causal)
+    if key not in _tuned_fwd:
+        props = torch.cuda.get_device_properties(q.device)
+        limit = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+        fitting = [c for c in candidates if _fits_shared_memory(c, D, q.element_size(), limit)] or candidates[:1]
+        times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=3, rep=10) for c in fitting]
+        _tuned_fwd[key] = fitting[min(range(len(times)), key=times.__getitem__)]
+    return _tuned_fwd[key]
 
 
 def bwd_config(arch: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -386,12 +431,15 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    cfg = fwd_config(_arch(q.device), D, q.dtype)
-    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, kv_lens if kv_lens is not None else q, softmax_scale * LOG2E, Tq, Tk, H, H // Hkv,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype), **cfg)
+
+    def launch(cfg):
+        _attn_fwd_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+            q, k, v, out, lse, kv_lens if kv_lens is not None else q, softmax_scale * LOG2E, Tq, Tk, H, H // Hkv,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype),
+            **cfg)
+
+    launch(tuned_fwd_config(q, k, causal, launch))
     return out, lse
 
 
