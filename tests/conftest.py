@@ -10,6 +10,8 @@ os.environ.pop("QWEN3_KERNELS_BACKEND", None)
 # this when the kernels are defined, so it must be set before qwen3_kernels.ops.triton is imported.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# Tests pin each kernel's default launch config; autotuning would make GPU runs depend on timing.
+os.environ["QWEN3_KERNELS_AUTOTUNE"] = "0"
 
 transformers = pytest.importorskip("transformers")
 

@@ -154,3 +154,22 @@ def test_bad_inputs_are_named():
         attn.attention(torch.randn(1, 4, 4, 16), k, v, kv_lens=torch.tensor([1.0]))
     with pytest.raises(ValueError, match="must both be"):
         attn.attention(torch.randn(1, 4, 4, 16), k, v[..., :8])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="long sequences need a GPU")
+@pytest.mark.parametrize("S, grads", [(4096, True), (16384, False)])
+def test_long_sequences_bf16_on_gpu(S, grads):
+    """fp32 SDPA stands in for float64 at these lengths."""
+    attn = _attention()
+    q, k, v = _inputs(1, S, 16, 8, 128, torch.bfloat16, "cuda", grads)
+    out = attn.attention(q, k, v)
+    eager = reference.attention(q, k, v)
+    leaves32 = [t.detach().float().requires_grad_(grads) for t in (q, k, v)]
+    exact = reference.attention(*leaves32)
+    assert_within_rule(out, eager, exact, 2, atol(torch.bfloat16, exact), "out")
+    if grads:
+        dout = rand(1, S, 16, 128, dtype=torch.bfloat16, device="cuda", seed=3)
+        for name, g, ge, g32 in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout),
+                                    torch.autograd.grad(eager, (q, k, v), dout),
+                                    torch.autograd.grad(exact, leaves32, dout.float())):
+            assert_within_rule(g, ge, g32, 3, atol(torch.bfloat16, g32), name)
