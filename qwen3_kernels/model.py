@@ -34,6 +34,39 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
     return ops.reference.rotate_half(x)
 
 
+class KVCache(nn.Module):
+    """Preallocated keys and values of every layer, (B, max_len, Hkv, D) each, plus how many
+    positions of each sequence are filled (``lens``, (B,) int32). Static shapes, so a decode step
+    can be captured in a CUDA graph; a forward pass writes its tokens at ``lens`` and the model
+    advances ``lens`` after the last layer."""
+
+    def __init__(self, config: Config, batch_size: int, max_len: int, *, device=None, dtype=torch.float32):
+        super().__init__()
+        shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("lens", torch.zeros(batch_size, device=device, dtype=torch.int32), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of sequences [start, stop): writes through it land in this cache."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.k, view.v, view.lens = self.k[:, start:stop], self.v[:, start:stop], self.lens[start:stop]
+        return view
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Writes k, v (B, T, Hkv, D) at ``positions`` (B, T); returns the layer's whole cache and the
+        number of valid positions per sequence once these tokens are in."""
+        batch = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer].index_put_((batch, positions), k)
+        self.v[layer].index_put_((batch, positions), v)
+        return self.k[layer], self.v[layer], self.lens + k.shape[1]
+
+
 class RMSNORM(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, kernels=ops.reference):
         super().__init__()
@@ -68,8 +101,9 @@ class FFN(nn.Module):
 class GQA(nn.Module):
     """Causal grouped-query attention with per-head RMSNorm of q and k before RoPE."""
 
-    def __init__(self, config: Config, kernels=ops.reference):
+    def __init__(self, config: Config, layer: int = 0, kernels=ops.reference):
         super().__init__()
+        self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         C, D, bias = config.hidden_size, config.head_dim, config.attention_bias
         self.q_proj = nn.Linear(C, self.num_heads * D, bias=bias)
@@ -80,28 +114,33 @@ class GQA(nn.Module):
         self.k_norm = RMSNORM(D, config.rms_norm_eps, kernels)
         self.ops = kernels
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)     # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         q, k = self.ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
-        out = self.ops.attention(q, k, v, causal=True)                   # (B, T, H, D)
+        kv_lens = None
+        if cache is not None:  # attend over everything cached so far, this chunk included
+            k, v, kv_lens = cache.update(self.layer, positions, k, v)    # (B, max_len, Hkv, D)
+        out = self.ops.attention(q, k, v, causal=True, kv_lens=kv_lens)  # (B, T, H, D)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
 
-    def __init__(self, config: Config, kernels=ops.reference):
+    def __init__(self, config: Config, layer: int = 0, kernels=ops.reference):
         super().__init__()
         self.attn_norm = RMSNORM(config.hidden_size, config.rms_norm_eps, kernels)
-        self.attn = GQA(config, kernels)
+        self.attn = GQA(config, layer, kernels)
         self.ffn_norm = RMSNORM(config.hidden_size, config.rms_norm_eps, kernels)
         self.ffn = FFN(config, kernels)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        attn_out = self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        attn_out = self.attn(self.attn_norm(x), cos, sin, cache, positions)
         h, x = self.ffn_norm(attn_out, residual=x)  # x = x + attn_out and h = norm(x), fused
         return x + self.ffn(h)
 
@@ -113,7 +152,7 @@ class QWEN(nn.Module):
         self.fused = fused
         kernels = ops if fused else ops.reference
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList(Block(config, kernels) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, layer, kernels) for layer in range(config.num_layers))
         self.norm = RMSNORM(config.hidden_size, config.rms_norm_eps, kernels)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -130,19 +169,38 @@ class QWEN(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids (B, T)."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T); (B, 1, vocab) with ``last_only``. With a
+        ``cache``, the tokens continue each cached sequence: they are written at positions
+        ``cache.lens`` onward and attend to everything before them."""
         if not torch.compiler.is_compiling():
-            self._check_input(input_ids)
+            self._check_input(input_ids, cache)
+        return self._forward(input_ids, cache, last_only)
+
+    def _forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False):
         B, T = input_ids.shape
         x = self.embeddings(input_ids)                                   # (B, T, C)
-        positions = torch.arange(T, device=input_ids.device)
-        sin, cos = calculate_sin_cos(positions, self.inv_freq, self.rope_scaling, x.dtype)  # (T, D)
+        steps = torch.arange(T, device=input_ids.device)
+        positions = steps if cache is None else cache.lens[:, None] + steps  # (T,) or (B, T)
+        sin, cos = calculate_sin_cos(positions, self.inv_freq, self.rope_scaling, x.dtype)  # (.., T, D)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, cache, positions)
+        if cache is not None:
+            cache.lens += T
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))                                # (B, T, vocab)
 
-    def _check_input(self, input_ids: torch.Tensor) -> None:
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(f"cache length {max_len} exceeds the model's max context "
+                             f"(max_position_embeddings={self.config.max_position_embeddings})")
+        w = self.embeddings.weight
+        return KVCache(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
+
+    def _check_input(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> None:
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
@@ -155,6 +213,14 @@ class QWEN(nn.Module):
         if T > limit:
             raise ValueError(f"sequence length {T} exceeds the model's max context "
                              f"(max_position_embeddings={limit})")
+        if cache is not None:
+            if cache.k.shape[1] != input_ids.shape[0]:
+                raise ValueError(f"input_ids has batch {input_ids.shape[0]} but the cache holds "
+                                 f"{cache.k.shape[1]} sequences")
+            filled = int(cache.lens.max())
+            if filled + T > cache.max_len:
+                raise ValueError(f"{T} more tokens after {filled} cached ones exceed the cache length "
+                                 f"{cache.max_len}")
         lo, hi = input_ids.min().item(), input_ids.max().item()
         if lo < 0:
             raise ValueError(f"input_ids contains negative token id {lo}")
@@ -176,6 +242,22 @@ class QWEN(nn.Module):
         """Parameter count; ``unique`` counts a tied embedding/LM head once."""
         params = self.parameters() if unique else (p for _, p in self.named_parameters(remove_duplicate=False))
         return sum(p.numel() for p in params)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
+                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 stream=None, cuda_graph: bool | None = None) -> torch.Tensor:
+        """Prompt plus generated tokens (B, T + steps); greedy at temperature 0. See
+        ``qwen3_kernels.generation`` for the details; ``generate_stream`` is the iterator twin."""
+        from .generation import generate
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_token_id=eos_token_id, attention_mask=attention_mask, generator=generator,
+                        stream=stream, cuda_graph=cuda_graph)
+
+    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs):
+        """Yields each step's next tokens (B,) as they are produced; same arguments as ``generate``."""
+        from .generation import generate_stream
+        return generate_stream(self, input_ids, max_new_tokens, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,

@@ -69,6 +69,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, scale=scale,
                                              enable_gqa=H != Hkv)
         return out.transpose(1, 2)  # (B, Tq, H, D)
+    if kv_lens is not None and q.device.type == "cpu":
+        # Skip cache slots no sequence has filled yet: reading the length costs nothing on the CPU
+        # (on a GPU it would be a sync, and the static shape is what CUDA graphs need).
+        Tk = max(int(kv_lens.max()), 1)
+        k, v = k[:, :, :Tk], v[:, :, :Tk]
     key_pos = torch.arange(Tk, device=q.device)
     lens = torch.full((B,), Tk, device=q.device) if kv_lens is None else kv_lens.to(q.device)
     visible = key_pos[None, None, :] < lens[:, None, None]                       # (B, 1, Tk)
@@ -76,9 +81,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         last = torch.arange(Tq, device=q.device)[None, :] + (lens[:, None] - Tq)  # (B, Tq)
         visible = visible & (key_pos[None, None, :] <= last[:, :, None])           # (B, Tq, Tk)
     visible = visible[:, None].expand(B, 1, Tq, Tk)
-    if bool(visible.any(-1).all()):
+    sees_a_key = visible.any(-1, keepdim=True)                                     # (B, 1, Tq, 1)
+    if not (q.requires_grad or k.requires_grad or v.requires_grad):
+        # Rows that see no key come out of SDPA as NaN; select zero there. No host sync, so a
+        # decode step stays capturable in a CUDA graph.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=H != Hkv)
-    else:  # some query sees no key: SDPA would give NaN there, the contract says zero
+        out = torch.where(sees_a_key, out, 0.0)
+    elif bool(sees_a_key.all()):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=H != Hkv)
+    else:  # a query sees no key: take the masked softmax apart so no NaN reaches the gradients
         k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         scores = (q @ k.transpose(-1, -2)).float() * scale
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
