@@ -1,5 +1,9 @@
-"""``python -m qwen3_kernels``: build Qwen3 (0.6B random weights, or ``--model DIR``), show what it is
-and which implementation each op uses here, and time one forward pass."""
+"""``python -m qwen3_kernels`` (also the ``qwen3-kernels`` command).
+
+Bare: build Qwen3 (0.6B random weights, or ``--model DIR``), show what it is and which
+implementation each op uses here, and time one forward pass.
+``generate --model DIR --prompt TEXT``: stream a completion, then prefill and decode tokens/s.
+``chat --model DIR``: an interactive multi-turn chat on stdin."""
 
 from __future__ import annotations
 
@@ -16,33 +20,175 @@ from .model import QWEN
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen3-kernels", description=__doc__)
-    p.add_argument("--model", metavar="DIR", help="Hugging Face Qwen3 checkpoint directory (default: random weights)")
-    p.add_argument("--preset", default="0.6B", choices=sorted(PRESETS), help="size for random weights")
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, model_required: bool) -> None:
+    p.add_argument("--model", metavar="DIR", required=model_required,
+                   help="Hugging Face Qwen3 checkpoint directory" + ("" if model_required else
+                                                                       " (default: random weights)"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
-                   help="use the Triton kernels where the device supports them")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the Triton kernels where the device supports them (default: on a GPU)")
+
+
+def _sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=_non_negative_float, help="0 is greedy (default: the checkpoint's)")
+    p.add_argument("--top-k", type=_positive_int, help="default: the checkpoint's")
+    p.add_argument("--top-p", type=_probability, help="default: the checkpoint's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--think", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the model think before answering (chat prompts)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen3-kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p, model_required=False)
+    p.add_argument("--preset", default="0.6B", choices=sorted(PRESETS), help="size for random weights")
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--seq-len", type=_positive_int, default=64)
+    sub = p.add_subparsers(dest="command")
+    gen = sub.add_parser("generate", help="complete a prompt, streaming the text")
+    _common(gen, model_required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    _sampling(gen)
+    chat = sub.add_parser("chat", help="interactive multi-turn chat (one user message per line of stdin)")
+    _common(chat, model_required=True)
+    chat.add_argument("--system", help="a system message to start the conversation with")
+    _sampling(chat)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "chat":
+            return _chat(args)
         return _demo(args)
     except (FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fused(args, device: torch.device) -> bool:
+    return device.type == "cuda" if args.fused is None else args.fused
+
+
+def _dtype(args, device: torch.device) -> torch.dtype:
+    if args.dtype:
+        return _DTYPES[args.dtype]
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def _load(args):
+    from .tokenizer import Tokenizer
+
+    device = torch.device(args.device)
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    model = QWEN.from_pretrained(args.model, dtype=_dtype(args, device), device=device, fused=_fused(args, device))
+    return model, tokenizer, device
+
+
+def _complete(model, tokenizer, device, prompt: str, args, out=None) -> tuple[str, dict]:
+    """Streams the completion of ``prompt`` to ``out`` (stdout); returns the text and timing."""
+    out = out or sys.stdout
+    defaults = tokenizer.generation
+    temperature = defaults.temperature if args.temperature is None else args.temperature
+    ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    decoder = tokenizer.stream_decoder()
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for tokens in model.generate_stream(ids, args.max_new_tokens, temperature=temperature,
+                                        top_k=args.top_k if args.top_k is not None else defaults.top_k,
+                                        top_p=args.top_p if args.top_p is not None else defaults.top_p,
+                                        eos_token_id=defaults.eos_token_ids, generator=generator):
+        token = int(tokens[0])
+        if first is None:
+            first = time.perf_counter()
+        count += 1
+        if token in defaults.eos_token_ids:
+            break
+        out.write(decoder.push(token))
+        out.flush()
+    end = time.perf_counter()
+    text = tokenizer.decode(decoder.tokens, skip_special_tokens=True)
+    stats = {"prompt_tokens": ids.shape[1], "prefill_s": (first or end) - start,
+             "new_tokens": count, "decode_s": end - (first or end)}
+    return text, stats
+
+
+def _report(stats: dict) -> None:
+    prefill = stats["prompt_tokens"] / stats["prefill_s"] if stats["prefill_s"] else float("nan")
+    decoded = stats["new_tokens"] - 1
+    decode = decoded / stats["decode_s"] if decoded > 0 and stats["decode_s"] else float("nan")
+    print(f"\n[prefill {stats['prompt_tokens']} tokens: {prefill:,.1f} tokens/s | "
+          f"decode {stats['new_tokens']} tokens: {decode:,.1f} tokens/s]", file=sys.stderr)
+
+
+def _generate(args) -> int:
+    model, tokenizer, device = _load(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], enable_thinking=args.think)
+    _, stats = _complete(model, tokenizer, device, prompt, args)
+    print()
+    _report(stats)
+    return 0
+
+
+def _chat(args) -> int:
+    model, tokenizer, device = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = tokenizer.apply_chat_template(messages, enable_thinking=args.think)
+        reply, stats = _complete(model, tokenizer, device, prompt, args)
+        print()
+        _report(stats)
+        messages.append({"role": "assistant", "content": reply})
 
 
 def _demo(args) -> int:
     device = torch.device(args.device)
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    if args.batch < 1 or args.seq_len < 1:
-        raise ValueError(f"--batch and --seq-len must be positive, got {args.batch} and {args.seq_len}")
+    dtype = _dtype(args, device)
+    args.fused = _fused(args, device)
     t0 = time.perf_counter()
     if args.model:
         model = QWEN.from_pretrained(args.model, dtype=dtype, device=device, fused=args.fused)
@@ -62,11 +208,11 @@ def _demo(args) -> int:
     unique = model.num_parameters(unique=True)
     print(f"parameters: {total:,} total, {unique:,} unique"
           + (" (LM head tied to the embedding)" if config.tie_word_embeddings else ""))
-    print(f"\nops on {device} in {dtype} ({'fused' if args.fused else 'reference, --no-fused'}):")
+    print(f"\nops on {device} in {dtype} (what QWEN(fused=True) runs here, and why):")
     for op, choice in ops.report(device, dtype).items():
-        backend = choice.backend if args.fused else "reference"
-        reason = choice.reason if args.fused else "fused=False"
-        print(f"  {op:<14} {backend:<10} {reason}")
+        print(f"  {op:<14} {choice.backend:<10} {choice.reason}")
+    if not args.fused:
+        print("this model was built with fused=False: every op runs the eager reference")
 
     if args.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len {args.seq_len} exceeds max context {config.max_position_embeddings}")

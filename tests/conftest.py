@@ -59,3 +59,31 @@ def edit_json(path, fn):
     data = json.loads(path.read_text())
     fn(data)
     path.write_text(json.dumps(data))
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+CORPUS = ["Hello world! How are you today?", "héllo wörld, ça va? naïve café", "你好，世界。今天天气很好。",
+          "こんにちは世界", "emoji: 🙂🚀✨ and math: ∑ x² ≤ ∞", "The quick brown fox jumps over the lazy dog."] * 20
+
+
+def write_tokenizer(path, eos="<|im_end|>", generation=True):
+    """A small byte-level BPE tokenizer in Qwen3's layout: tokenizer.json, tokenizer_config.json and
+    generation_config.json (the real Qwen3 files cannot be downloaded here)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": eos, "pad_token": "<|endoftext|>",
+        "added_tokens_decoder": {str(tok.token_to_id(t)): {"content": t, "special": True} for t in SPECIAL_TOKENS}}))
+    if generation:
+        (path / "generation_config.json").write_text(json.dumps({
+            "eos_token_id": [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")],
+            "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}))
+    return tok
