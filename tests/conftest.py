@@ -12,6 +12,10 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 # Tests pin each kernel's default launch config; autotuning would make GPU runs depend on timing.
 os.environ["QWEN3_KERNELS_AUTOTUNE"] = "0"
+try:  # define the kernels now, under the setting above, whatever test happens to import them first
+    import qwen3_kernels.ops.triton  # noqa: F401,E402
+except ImportError:
+    pass
 
 transformers = pytest.importorskip("transformers")
 

@@ -65,15 +65,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     Tk, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-    if kv_lens is None and (not causal or Tq == Tk):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq > 1, scale=scale,
+    if kv_lens is None and (not causal or Tq == Tk or Tq == 1):  # one query sees every key
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq == Tk and Tq > 1, scale=scale,
                                              enable_gqa=H != Hkv)
         return out.transpose(1, 2)  # (B, Tq, H, D)
     if kv_lens is not None and q.device.type == "cpu":
-        # Skip cache slots no sequence has filled yet: reading the length costs nothing on the CPU
-        # (on a GPU it would be a sync, and the static shape is what CUDA graphs need).
-        Tk = max(int(kv_lens.max()), 1)
+        # Skip cache slots no sequence has filled yet, and the length mask when every sequence has
+        # the same length: reading lengths costs nothing on the CPU (on a GPU it would be a sync, and
+        # the static shapes there are what CUDA graphs need).
+        lens = kv_lens.tolist()
+        Tk = max(max(lens), 1)
         k, v = k[:, :, :Tk], v[:, :, :Tk]
+        if min(lens) == Tk:
+            return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
     key_pos = torch.arange(Tk, device=q.device)
     lens = torch.full((B,), Tk, device=q.device) if kv_lens is None else kv_lens.to(q.device)
     visible = key_pos[None, None, :] < lens[:, None, None]                       # (B, 1, Tk)

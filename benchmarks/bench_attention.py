@@ -1,0 +1,90 @@
+"""Causal GQA attention: prefill forward and forward+backward at S = 512..16k with B*S = 16k, and
+split-KV decode at batch 1/8/64 over 1k..32k of context. Qwen3-0.6B heads (16 query, 8 KV, D 128)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from benchmarks.conftest import input_sets, needs_gpu, run
+
+from benchmarks.roofline import attention_flops, decode_kv_bytes
+from qwen3_kernels.ops import reference
+
+pytestmark = needs_gpu
+H, HKV, D = 16, 8, 128
+PREFILL = [512, 2048, 4096, 8192, 16384]
+try:
+    import flash_attn  # noqa: F401
+    HAS_FLASH_ATTN = True
+except ImportError:
+    HAS_FLASH_ATTN = False
+
+
+def _sdpa_flash(q, k, v):
+    # SDPA's flash backend takes (B, H, T, D) and no GQA: its K/V are expanded, as users must. One
+    # query over a cache sees every key, which SDPA's top-left causal mask would not allow.
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    k, v = k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1).transpose(1, 2)
+
+
+def _impl(provider):
+    if provider == "triton":
+        from qwen3_kernels.ops.triton import attention
+        return attention.attention
+    if provider == "sdpa":
+        return _sdpa_flash
+    if provider == "flash_attn":
+        if not HAS_FLASH_ATTN:
+            pytest.skip("flash_attn is not installed")
+        from flash_attn import flash_attn_func
+        return lambda q, k, v: flash_attn_func(q, k, v, causal=True)
+    return reference.attention
+
+
+@pytest.mark.parametrize("provider", ["triton", "sdpa", "flash_attn", "eager"])
+@pytest.mark.parametrize("S", PREFILL)
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_prefill(benchmark, peak, provider, S, backward):
+    fn = _impl(provider)
+    B = 16384 // S
+
+    def make(seed):
+        g = torch.Generator("cuda").manual_seed(seed)
+        q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=backward)
+        k, v = (torch.randn(B, S, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=backward)
+                for _ in range(2))
+        return (q, k, v, torch.randn_like(q))
+
+    def step(q, k, v, grad):
+        with torch.set_grad_enabled(backward):
+            out = fn(q, k, v)
+            if backward:
+                torch.autograd.grad(out, (q, k, v), grad)
+
+    flops = attention_flops(B, H, S, S, D) + (attention_flops(B, H, S, S, D, backward=True) if backward else 0)
+    run(benchmark, step, input_sets(make, 1 << 40), op="attention " + ("fwd+bwd" if backward else "fwd"),
+        shape=f"{B}x{S}", provider=provider, peak=peak, flops=flops, rounds=10)
+
+
+@pytest.mark.parametrize("provider", ["triton", "sdpa", "eager"])
+@pytest.mark.parametrize("batch", [1, 8, 64])
+@pytest.mark.parametrize("context", [1024, 8192, 32768])
+def test_decode(benchmark, peak, provider, batch, context):
+    if batch * context > 64 * 8192:
+        pytest.skip("cache larger than this benchmark's memory budget")
+    fn = _impl(provider)
+    nbytes = decode_kv_bytes(batch, HKV, context, D, 2)
+
+    def make(seed):
+        g = torch.Generator("cuda").manual_seed(seed)
+        q = torch.randn(batch, 1, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(batch, context, HKV, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        return (q, k, v)
+
+    def step(q, k, v):
+        with torch.no_grad():
+            fn(q, k, v)
+
+    run(benchmark, step, input_sets(make, nbytes), op="attention decode", shape=f"{batch}x{context}",
+        provider=provider, peak=peak, bytes=nbytes)
