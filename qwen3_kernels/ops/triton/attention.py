@@ -367,6 +367,8 @@ def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch) -> 
         return candidates[0]
     key = (q.device.index, arch, D, q.dtype, _length_bucket(q.shape[1]), _length_bucket(k.shape[1]), causal)
     if key not in _tuned_fwd:
+        import triton.testing
+
         props = torch.cuda.get_device_properties(q.device)
         limit = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
         fitting = [c for c in candidates if _fits_shared_memory(c, D, q.element_size(), limit)] or candidates[:1]
