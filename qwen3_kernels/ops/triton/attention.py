@@ -26,6 +26,14 @@ LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _kv_len(KV_LENS, b, Tk, HAS_KV_LENS: tl.constexpr):
+    """Sequence b's number of valid keys: its entry of KV_LENS, or Tk for all."""
+    if HAS_KV_LENS:
+        return tl.load(KV_LENS + b).to(tl.int32)
+    return Tk
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start, end, offs_m, offs_n, offs_d,
                shift, kv_len, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -72,9 +80,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, qk_scale, Tq, Tk, H, GROUP,
     b = (bh // H).to(tl.int64)
     h = bh % H
     kv_head = (h // GROUP).to(tl.int64)
-    kv_len = Tk
-    if HAS_KV_LENS:
-        kv_len = tl.load(KV_LENS + b).to(tl.int32)
+    kv_len = _kv_len(KV_LENS, b, Tk, HAS_KV_LENS)
     shift = kv_len - Tq  # query i sees keys j <= i + shift
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -141,9 +147,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, qk_scale, sm
     n_kv_heads = H // GROUP
     b = (bhk // n_kv_heads).to(tl.int64)
     kv_head = bhk % n_kv_heads
-    kv_len = Tk
-    if HAS_KV_LENS:
-        kv_len = tl.load(KV_LENS + b).to(tl.int32)
+    kv_len = _kv_len(KV_LENS, b, Tk, HAS_KV_LENS)
     shift = kv_len - Tq
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -201,9 +205,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, qk_scale, sm_scale
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     kv_head = h // GROUP
-    kv_len = Tk
-    if HAS_KV_LENS:
-        kv_len = tl.load(KV_LENS + b).to(tl.int32)
+    kv_len = _kv_len(KV_LENS, b, Tk, HAS_KV_LENS)
     shift = kv_len - Tq
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -251,9 +253,7 @@ def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, KV_LENS, qk_scale, Tq, Tk, GR
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     n_kv_heads = tl.num_programs(1)
-    kv_len = Tk
-    if HAS_KV_LENS:
-        kv_len = tl.load(KV_LENS + b).to(tl.int32)
+    kv_len = _kv_len(KV_LENS, b, Tk, HAS_KV_LENS)
     shift = kv_len - Tq
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < GROUP * Tq
