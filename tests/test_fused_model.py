@@ -77,3 +77,24 @@ def test_fused_model_traces_without_graph_breaks(kernels_on_cpu):
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(ids), reference(ids), rtol=1e-5, atol=1e-5)
     compiled(ids).sum().backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_model_on_gpu_matches_reference(dtype):
+    """Whole-model check in the dtypes people train in; bf16 compared by the flash-attention rule
+    against the fp32 reference model."""
+    from float64 import assert_within_rule
+    config = Config(vocab_size=1000, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
+                    intermediate_size=512, max_position_embeddings=512)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        exact = QWEN(config)
+        reference = QWEN(config).to(dtype)
+        fused = QWEN(config, fused=True).to(dtype)
+    reference.load_state_dict({k: v.to(dtype) for k, v in exact.state_dict().items()})
+    fused.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 1000, (2, 300), device="cuda")
+    with torch.no_grad():
+        out, eager, truth = fused(ids), reference(ids), exact(ids)
+    assert_within_rule(out, eager, truth, 2, 1e-5 if dtype == torch.float32 else 2e-2, "logits")

@@ -136,3 +136,18 @@ def test_fused_greedy_matches_reference(pair, monkeypatch):
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     assert torch.equal(fused.generate(ids, 6, attention_mask=mask), model.generate(ids, 6, attention_mask=mask))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the GPU kernels need a GPU")
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_graph_decode_matches_eager_decode_on_gpu(hf_checkpoint, fused):
+    path, _ = hf_checkpoint(tie=True)
+    model = QWEN.from_pretrained(path, device="cuda", fused=fused)
+    ids = _ids(3, 9).cuda()
+    mask = torch.ones_like(ids)
+    mask[2, :5] = 0
+    graphed = model.generate(ids, 20, attention_mask=mask, cuda_graph=True)
+    eager = model.generate(ids, 20, attention_mask=mask, cuda_graph=False)
+    assert torch.equal(graphed, eager)
+    reference = QWEN.from_pretrained(path, device="cpu").generate(ids.cpu(), 20, attention_mask=mask.cpu())
+    assert torch.equal(eager.cpu(), reference)
