@@ -162,6 +162,14 @@ class QWEN(nn.Module):
         self._warned_devices: set = set()
         self.apply(self._init_weights)
 
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) and friends must not round the rotary frequencies: they stay fp32, as
+        # transformers computes them, whatever dtype the weights move to.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_frequencies(self.config)[0].to(self.inv_freq.device)
+        return self
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

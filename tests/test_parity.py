@@ -109,3 +109,12 @@ def test_fp16_and_device_arguments(hf_checkpoint):
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(model(ids), hf16(ids).logits)
+
+
+def test_moving_the_model_to_bf16_keeps_rotary_frequencies_fp32(hf_checkpoint):
+    path, hf = hf_checkpoint(tie=True, dtype=torch.bfloat16)
+    moved = QWEN.from_pretrained(path, dtype=torch.float32).to(torch.bfloat16)
+    assert moved.inv_freq.dtype == torch.float32
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(moved(ids), hf(ids).logits)
