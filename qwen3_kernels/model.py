@@ -34,18 +34,20 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
     return ops.reference.rotate_half(x)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values of every layer, (B, max_len, Hkv, D) each, plus how many
-    positions of each sequence are filled (``lens``, (B,) int32). Static shapes, so a decode step
-    can be captured in a CUDA graph; a forward pass writes its tokens at ``lens`` and the model
+class KVCache:
+    """Preallocated keys and values of every layer, (num_layers, B, max_len, Hkv, D) each, plus how
+    many positions of each sequence are filled (``lens``, (B,) int32). Static shapes, so a decode
+    step can be captured in a CUDA graph; a forward pass writes its tokens at ``lens`` and the model
     advances ``lens`` after the last layer."""
 
-    def __init__(self, config: Config, batch_size: int, max_len: int, *, device=None, dtype=torch.float32):
-        super().__init__()
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor):
+        self.k, self.v, self.lens = k, v, lens
+
+    @classmethod
+    def empty(cls, config: Config, batch_size: int, max_len: int, *, device=None, dtype=torch.float32) -> "KVCache":
         shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("lens", torch.zeros(batch_size, device=device, dtype=torch.int32), persistent=False)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(batch_size, device=device, dtype=torch.int32))
 
     @property
     def max_len(self) -> int:
@@ -53,10 +55,7 @@ class KVCache(nn.Module):
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of sequences [start, stop): writes through it land in this cache."""
-        view = KVCache.__new__(KVCache)
-        nn.Module.__init__(view)
-        view.k, view.v, view.lens = self.k[:, start:stop], self.v[:, start:stop], self.lens[start:stop]
-        return view
+        return KVCache(self.k[:, start:stop], self.v[:, start:stop], self.lens[start:stop])
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Writes k, v (B, T, Hkv, D) at ``positions`` (B, T); returns the layer's whole cache and the
@@ -206,7 +205,7 @@ class QWEN(nn.Module):
             raise ValueError(f"cache length {max_len} exceeds the model's max context "
                              f"(max_position_embeddings={self.config.max_position_embeddings})")
         w = self.embeddings.weight
-        return KVCache(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
+        return KVCache.empty(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
 
     def _check_input(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> None:
         if not isinstance(input_ids, torch.Tensor):
