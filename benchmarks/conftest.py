@@ -32,18 +32,21 @@ def peak():
     """The card's measured peaks: bandwidth (a large device-to-device copy) and bf16 matmul FLOP/s."""
     if not CUDA:
         return {"gbps": None, "tflops": None, "device": "cpu"}
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    copy_ms = _cuda_median_ms(lambda: dst.copy_(src))
-    mm_ms = _cuda_median_ms(lambda: a @ b)
-    result = {"gbps": 2 * n / copy_ms / 1e6, "tflops": 2 * 8192**3 / mm_ms / 1e9,
-              "device": torch.cuda.get_device_name()}
-    del src, dst, a, b
+    result = {"gbps": _copy_gbps(1 << 30), "tflops": _matmul_tflops(8192), "device": torch.cuda.get_device_name()}
     torch.cuda.empty_cache()
     return result
+
+
+def _copy_gbps(n: int) -> float:
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * n / _cuda_median_ms(lambda: dst.copy_(src)) / 1e6  # read + write
+
+
+def _matmul_tflops(n: int) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n**3 / _cuda_median_ms(lambda: a @ b) / 1e9
 
 
 def _cuda_median_ms(fn, reps: int = 20) -> float:

@@ -108,7 +108,8 @@ class Config:
         rope.pop("type", None)
         partial = rope.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         if partial != 1.0:
-            raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported (Qwen3 rotates all of head_dim)")
+            raise ValueError(f"{source}: partial_rotary_factor={partial} is not supported "
+                             "(Qwen3 rotates all of head_dim)")
         if rope_type == "default":
             leftover = {k: v for k, v in rope.items() if v is not None}
             if leftover:

@@ -123,7 +123,8 @@ def load_pretrained(cls, path, *, dtype=None, device=None, fused=False):
             try:
                 tensor = handle.get_tensor(key)
             except Exception as e:
-                raise ValueError(f"{file}: cannot read tensor {key!r}, the file is corrupt or truncated ({e})") from None
+                raise ValueError(f"{file}: cannot read tensor {key!r}, the file is corrupt or truncated "
+                                 f"({e})") from None
             if tuple(tensor.shape) != tuple(expected[name]):
                 raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} does not match the "
                                  f"config's shape {tuple(expected[name])}")

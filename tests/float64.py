@@ -36,8 +36,8 @@ def attention(q, k, v, causal=True, scale=None, kv_lens=None):
     q, k, v = q.double(), k.double().repeat_interleave(group, 2), v.double().repeat_interleave(group, 2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if causal:
-        i = torch.arange(Tq)[:, None]
-        j = torch.arange(Tk)[None, :]
+        i = torch.arange(Tq, device=q.device)[:, None]
+        j = torch.arange(Tk, device=q.device)[None, :]
         scores = scores.masked_fill(j > i + (Tk - Tq), float("-inf"))
     probs = torch.softmax(scores, -1).nan_to_num(0.0)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v)

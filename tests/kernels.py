@@ -11,8 +11,10 @@ except ImportError:
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
-# CPU tensors run the kernels through the interpreter (set up in conftest); CUDA runs them compiled.
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Without a GPU, CPU tensors run the kernels through the interpreter (set up in conftest); with one,
+# the kernels are compiled and run on CUDA tensors (CPU tensors cannot run compiled kernels).
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
+KERNEL_DEVICE = DEVICES[0]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # Small absolute slack on top of the 2x / 3x eager-error rule, scaled to the data's magnitude.

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from kernels import needs_triton
+from kernels import KERNEL_DEVICE, needs_triton
 
 from qwen3_kernels import QWEN, Config, ops
 
@@ -22,23 +22,25 @@ def _pair():
                 p.copy_(1 + 0.3 * torch.randn_like(p))
     fused = QWEN(SMALL, fused=True)
     fused.load_state_dict(reference.state_dict())
-    return reference, fused
+    return reference.to(KERNEL_DEVICE), fused.to(KERNEL_DEVICE)
 
 
 @pytest.fixture
 def kernels_on_cpu(monkeypatch):
-    """`auto` dispatch as on a GPU: every op with a Triton kernel runs it (through the interpreter)."""
+    """`auto` dispatch as on a GPU: every op with a Triton kernel runs it (on the CPU, through the
+    interpreter; on a GPU this is what `auto` does anyway)."""
     monkeypatch.setattr(ops, "_choices", {})
-    monkeypatch.setattr(ops, "_device_supports_triton", lambda device, dtype, requested: (True, "interpreter"))
+    if KERNEL_DEVICE == "cpu":
+        monkeypatch.setattr(ops, "_device_supports_triton", lambda device, dtype, requested: (True, "interpreter"))
     yield
     monkeypatch.setattr(ops, "_choices", {})
 
 
 @needs_triton
 def test_fused_model_matches_reference_logits_and_gradients(kernels_on_cpu):
-    assert all(c.backend == "triton" for c in ops.report("cpu").values())
+    assert all(c.backend == "triton" for c in ops.report(KERNEL_DEVICE).values())
     reference, fused = _pair()
-    ids = torch.randint(0, SMALL.vocab_size, (2, 21), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, SMALL.vocab_size, (2, 21), generator=torch.Generator().manual_seed(1)).to(KERNEL_DEVICE)
     ref_logits, fused_logits = reference(ids), fused(ids)
     torch.testing.assert_close(fused_logits, ref_logits, rtol=1e-5, atol=1e-5)
     ref_logits.logsumexp(-1).mean().backward()
@@ -51,6 +53,7 @@ def test_fused_model_matches_reference_logits_and_gradients(kernels_on_cpu):
 def test_fused_model_on_cpu_warns_once_which_ops_fall_back(caplog, monkeypatch):
     monkeypatch.setattr(ops, "_choices", {})
     _, fused = _pair()
+    fused = fused.cpu()
     ids = torch.randint(0, SMALL.vocab_size, (1, 5))
     with caplog.at_level(logging.WARNING, logger="qwen3_kernels.model"):
         fused(ids)
@@ -62,6 +65,7 @@ def test_fused_model_on_cpu_warns_once_which_ops_fall_back(caplog, monkeypatch):
 
 def test_compiled_reference_model_matches_eager():
     reference, _ = _pair()
+    reference = reference.cpu()
     ids = torch.randint(0, SMALL.vocab_size, (2, 9))
     compiled = torch.compile(reference, fullgraph=True, dynamic=False)
     with torch.no_grad():
@@ -71,7 +75,7 @@ def test_compiled_reference_model_matches_eager():
 @needs_triton
 def test_fused_model_traces_without_graph_breaks(kernels_on_cpu):
     reference, fused = _pair()
-    ids = torch.randint(0, SMALL.vocab_size, (2, 9))
+    ids = torch.randint(0, SMALL.vocab_size, (2, 9), device=KERNEL_DEVICE)
     fused(ids)  # decide the dispatch outside the trace
     torch._dynamo.reset()
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")

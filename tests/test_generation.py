@@ -4,7 +4,7 @@ sampling."""
 import pytest
 import torch
 from conftest import TINY
-from kernels import needs_triton
+from kernels import KERNEL_DEVICE, needs_triton
 
 from qwen3_kernels import QWEN, ops
 from qwen3_kernels.generation import sample_next_token
@@ -128,14 +128,16 @@ def test_right_padding_is_rejected(pair):
 def test_fused_greedy_matches_reference(pair, monkeypatch):
     model, _ = pair
     monkeypatch.setattr(ops, "_choices", {})
-    monkeypatch.setattr(ops, "_device_supports_triton", lambda device, dtype, requested: (True, "interpreter"))
+    if KERNEL_DEVICE == "cpu":  # on a GPU, `auto` picks the kernels by itself
+        monkeypatch.setattr(ops, "_device_supports_triton", lambda device, dtype, requested: (True, "interpreter"))
     fused = QWEN(model.config, fused=True)
     fused.load_state_dict(model.state_dict())
-    fused.inv_freq = model.inv_freq
+    fused = fused.to(KERNEL_DEVICE)
     ids = _ids(2, 6)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    assert torch.equal(fused.generate(ids, 6, attention_mask=mask), model.generate(ids, 6, attention_mask=mask))
+    out = fused.generate(ids.to(KERNEL_DEVICE), 6, attention_mask=mask.to(KERNEL_DEVICE))
+    assert torch.equal(out.cpu(), model.generate(ids, 6, attention_mask=mask))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the GPU kernels need a GPU")

@@ -1,8 +1,10 @@
 """Which implementation runs where, torch.library registration (opcheck), and compile-cleanliness."""
 
+import os
+
 import pytest
 import torch
-from kernels import needs_triton, rand
+from kernels import KERNEL_DEVICE, needs_triton, rand
 
 from qwen3_kernels import ops
 
@@ -40,6 +42,7 @@ def test_cpu_and_other_devices_use_the_reference(fresh_choices):
 
 
 @needs_triton
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter is on only in CPU-only runs")
 def test_forcing_triton(monkeypatch, fresh_choices):
     monkeypatch.setenv("QWEN3_KERNELS_BACKEND", "triton")
     choice = ops.choose("swiglu", "cpu", torch.float32)  # the interpreter is on (conftest)
@@ -72,18 +75,23 @@ def test_unknown_op_is_named():
 def test_opcheck(name):
     import qwen3_kernels.ops.triton  # noqa: F401  (registers the ops)
     B, T, H, Hkv, D = 2, 3, 4, 2, 16
-    cos, sin = rand(T, D, seed=5), rand(T, D, seed=6)
+    dev = dict(device=KERNEL_DEVICE)
+    cos, sin = rand(T, D, seed=5, **dev), rand(T, D, seed=6, **dev)
     args = {
-        "rms_norm": (rand(5, 48).requires_grad_(), rand(48, seed=1).requires_grad_(), 1e-6),
-        "add_rms_norm": (rand(5, 48).requires_grad_(), rand(5, 48, seed=1).requires_grad_(),
-                         rand(48, seed=2).requires_grad_(), 1e-6),
-        "apply_rope": (rand(B, T, H, D).requires_grad_(), cos, sin),
-        "qk_norm_rope": (rand(B, T, H, D).requires_grad_(), rand(B, T, Hkv, D, seed=1).requires_grad_(),
-                         rand(D, seed=2).requires_grad_(), rand(D, seed=3).requires_grad_(), cos, sin, 1e-6),
-        "swiglu": (rand(5, 40).requires_grad_(), rand(5, 40, seed=1).requires_grad_()),
-        "flash_attention": (rand(B, 19, H, D).requires_grad_(), rand(B, 23, Hkv, D, seed=1).requires_grad_(),
-                            rand(B, 23, Hkv, D, seed=2).requires_grad_(), None, True, 0.25),
-        "decode_attention": (rand(B, 1, H, D), rand(B, 40, Hkv, D, seed=1), rand(B, 40, Hkv, D, seed=2),
-                             torch.tensor([40, 17], dtype=torch.int32), True, 0.25),
+        "rms_norm": (rand(5, 48, **dev).requires_grad_(), rand(48, seed=1, **dev).requires_grad_(), 1e-6),
+        "add_rms_norm": (rand(5, 48, **dev).requires_grad_(), rand(5, 48, seed=1, **dev).requires_grad_(),
+                         rand(48, seed=2, **dev).requires_grad_(), 1e-6),
+        "apply_rope": (rand(B, T, H, D, **dev).requires_grad_(), cos, sin),
+        "qk_norm_rope": (rand(B, T, H, D, **dev).requires_grad_(),
+                         rand(B, T, Hkv, D, seed=1, **dev).requires_grad_(),
+                         rand(D, seed=2, **dev).requires_grad_(), rand(D, seed=3, **dev).requires_grad_(),
+                         cos, sin, 1e-6),
+        "swiglu": (rand(5, 40, **dev).requires_grad_(), rand(5, 40, seed=1, **dev).requires_grad_()),
+        "flash_attention": (rand(B, 19, H, D, **dev).requires_grad_(),
+                            rand(B, 23, Hkv, D, seed=1, **dev).requires_grad_(),
+                            rand(B, 23, Hkv, D, seed=2, **dev).requires_grad_(), None, True, 0.25),
+        "decode_attention": (rand(B, 1, H, D, **dev), rand(B, 40, Hkv, D, seed=1, **dev),
+                             rand(B, 40, Hkv, D, seed=2, **dev),
+                             torch.tensor([40, 17], dtype=torch.int32, **dev), True, 0.25),
     }[name]
     torch.library.opcheck(getattr(torch.ops.qwen3_kernels, name).default, args)
