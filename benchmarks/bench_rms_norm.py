@@ -9,7 +9,7 @@ from qwen3_kernels.ops import reference
 
 pytestmark = needs_gpu
 PROVIDERS = ["triton", "eager", "compile"]
-SHAPES = [(1024, 1024), (4096, 1024), (16384, 1024), (4096, 4096)]  # (tokens, hidden): 0.6B and 8B
+SHAPES = [(1024, 1024), (16384, 1024), (4096, 4096)]  # (tokens, hidden): 0.6B and 8B
 
 
 def _impl(provider, residual):

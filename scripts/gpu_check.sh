@@ -5,7 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$OUT/triton_cache}"
+export PYTHONUNBUFFERED=1
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$OUT/triton_cach
 } | tee "$OUT/environment.txt"
 
 status=0
-python -m pytest tests -q -x --junitxml="$OUT/tests.xml" -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+python -m pytest tests -q --junitxml="$OUT/tests.xml" -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 python -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
