@@ -134,6 +134,34 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, Tq, H, sob, sot, soh, sdb, sdt, sdh,
 
 
 @triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, start, end, offs_m, offs_n,
+                offs_d, col_ok, Tq, shift, qk_scale,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulates dK, dV of one key block over query blocks [start, end). Rows past Tq load as
+    zeros (dO = 0, delta = 0), so they add nothing even where no mask is applied."""
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < Tq
+        rows64 = rows.to(tl.int64)
+        q = tl.load(q_base + rows64[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + rows64[:, None] * sdot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_base + rows64, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + rows64, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if MASKED:
+            visible = col_ok[:, None] & row_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= rows[None, :] + shift)
+            p_t = tl.where(visible, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, qk_scale, sm_scale, Tq, Tk, H, GROUP,
                           sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                           sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
@@ -164,33 +192,59 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, qk_scale, sm
     first_m = 0
     if CAUSAL:  # queries before n0 - shift see none of these keys
         first_m = (tl.maximum(n0 - shift, 0) // BLOCK_M) * BLOCK_M
+    # Query blocks from `unmasked_m` on see every key of this block (and the block lies inside
+    # kv_len): they skip the mask; only the diagonal band before them is masked.
+    unmasked_m = Tq
+    if n0 + BLOCK_N <= kv_len:
+        unmasked_m = first_m
+        if CAUSAL:
+            unmasked_m = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M, Tq)
     for g in range(0, GROUP):
         h = (kv_head * GROUP + g).to(tl.int64)
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
-        stat_base = (b * H + h) * Tq
-        for start_m in range(first_m, Tq, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < Tq
-            rows64 = rows.to(tl.int64)
-            q = tl.load(q_base + rows64[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + rows64[:, None] * sdot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + stat_base + rows64, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + stat_base + rows64, mask=row_ok, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-            visible = col_ok[:, None] & row_ok[None, :]
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= rows[None, :] + shift)
-            p_t = tl.where(visible, tl.math.exp2(s_t - lse[None, :]), 0.0)
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        lse_base = LSE + (b * H + h) * Tq
+        delta_base = DELTA + (b * H + h) * Tq
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, first_m, unmasked_m,
+                             offs_m, offs_n, offs_d, col_ok, Tq, shift, qk_scale,
+                             True, CAUSAL, BLOCK_M, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, unmasked_m, Tq,
+                             offs_m, offs_n, offs_d, col_ok, Tq, shift, qk_scale,
+                             False, CAUSAL, BLOCK_M, DOT_PRECISION)
     store_ok = (offs_n < Tk)[:, None]
     tl.store(DK + b * sdkb + kv_head.to(tl.int64) * sdkh + cols * sdkt + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=store_ok)
     tl.store(DV + b * sdvb + kv_head.to(tl.int64) * sdvh + cols * sdvt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, start, end, offs_m, offs_n, offs_d, row_ok,
+              kv_len, shift, qk_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulates dQ of one query block over key blocks [start, end); unmasked blocks lie wholly
+    inside every row's visible range."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < kv_len
+        cols64 = cols.to(tl.int64)
+        if MASKED:
+            k_t = tl.load(k_base + cols64[None, :] * skt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+            v_t = tl.load(v_base + cols64[None, :] * svt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        else:
+            k_t = tl.load(k_base + cols64[None, :] * skt + offs_d[:, None])
+            v_t = tl.load(v_base + cols64[None, :] * svt + offs_d[:, None])
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            visible = col_ok[None, :] & row_ok[:, None]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -220,23 +274,17 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, qk_scale, sm_scale
     k_base = K + b * skb + kv_head * skh
     v_base = V + b * svb + kv_head * svh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    end = kv_len
     if CAUSAL:
         end = tl.maximum(tl.minimum(kv_len, m0 + BLOCK_M + shift), 0)
-    for start_n in range(0, end, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < kv_len
-        cols64 = cols.to(tl.int64)
-        k_t = tl.load(k_base + cols64[None, :] * skt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        v_t = tl.load(v_base + cols64[None, :] * svt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        visible = col_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + shift)
-        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
+        unmasked_end = tl.maximum(tl.minimum(end, m0 + shift + 1), 0)
+    else:
+        end = kv_len
+        unmasked_end = kv_len
+    unmasked_end = (unmasked_end // BLOCK_N) * BLOCK_N
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, 0, unmasked_end, offs_m, offs_n, offs_d,
+                   row_ok, kv_len, shift, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, unmasked_end, end, offs_m, offs_n, offs_d,
+                   row_ok, kv_len, shift, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION)
     tl.store(DQ + b * sdqb + h * sdqh + rows * sdqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
