@@ -105,10 +105,12 @@ def attention_configs(arch: int):
                 flags = dict(CAUSAL=True, HAS_KV_LENS=kv_lens, HEAD_DIM=d, DOT_PRECISION=precision)
                 tag = f"{dtype},D={d},kv_lens={kv_lens}"
                 for cfg in attn.fwd_candidates(arch, d, torch_dtype):  # the whole autotune set
-                    blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-                    yield (f"attn_fwd[{tag},{cfg['BLOCK_M']}x{cfg['BLOCK_N']}]", attn._attn_fwd_kernel,
-                           dict(Q=t, K=t, V=t, O=t, LSE="fp32", KV_LENS="i32"), {**flags, **blocks},
-                           cfg["num_warps"], cfg["num_stages"])
+                    packs = [g for g in (2, 4, 8) if attn.can_pack_group(cfg, g)] if cfg["pack_group"] else [1]
+                    for pack in packs:  # Qwen3's GQA groups: 2 (0.6B, 1.7B), 4 (4B, 8B), 8 (32B)
+                        blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PACK=pack)
+                        yield (f"attn_fwd[{tag},{cfg['BLOCK_M']}x{cfg['BLOCK_N']},pack={pack}]",
+                               attn._attn_fwd_kernel, dict(Q=t, K=t, V=t, O=t, LSE="fp32", KV_LENS="i32"),
+                               {**flags, **blocks}, cfg["num_warps"], cfg["num_stages"])
                 cfg = attn.bwd_config(arch, d, torch_dtype)
                 blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
                 yield (f"attn_bwd_dkdv[{tag}]", attn._attn_bwd_dkdv_kernel,

@@ -173,3 +173,23 @@ def test_long_sequences_bf16_on_gpu(S, grads):
                                     torch.autograd.grad(eager, (q, k, v), dout),
                                     torch.autograd.grad(exact, leaves32, dout.float())):
             assert_within_rule(g, ge, g32, 3, atol(torch.bfloat16, g32), name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H, Hkv, Tq, Tk", [(16, 8, 77, 77), (8, 1, 19, 83), (8, 2, 130, 130), (4, 4, 33, 33)])
+def test_group_packed_forward(device, dtype, H, Hkv, Tq, Tk):
+    """The autotune candidate that tiles all query heads of a KV group together gives the same
+    attention (forward, LSE) as the one-head tiles."""
+    attn = _attention()
+    q, k, v = _inputs(2, Tq, Tk, H, Hkv, 64, dtype, device, grad=False)
+    base = attn.fwd_candidates(attn._arch(q.device), 64, dtype)[0]
+    packed = {**base, "pack_group": True}
+    assert attn.can_pack_group(packed, H // Hkv)
+    out, lse = attn.attention_forward(q, k, v, True, 0.125, config=packed)
+    ref_out, ref_lse = attn.attention_forward(q, k, v, True, 0.125, config=base)
+    # the tiles split the online softmax at other keys: equal up to summation order
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-3)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    exact = float64.attention(q.double(), k.double(), v.double(), scale=0.125)
+    assert_within_rule(out, reference.attention(q, k, v, softmax_scale=0.125), exact, 2, atol(dtype, exact), "out")

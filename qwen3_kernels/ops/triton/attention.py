@@ -71,24 +71,32 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start, en
 def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, qk_scale, Tq, Tk, H, GROUP,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                      CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``O = softmax(Q K^T * scale + mask) V`` for one (batch, query head, BLOCK_M queries); also
-    ``LSE = log2(sum(exp2(s)))`` per query. Key blocks above the diagonal are never loaded, blocks
-    fully below it run without a mask, only the diagonal band is masked."""
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """``O = softmax(Q K^T * scale + mask) V`` for one batch, BLOCK_M query rows; also
+    ``LSE = log2(sum(exp2(s)))`` per row. The rows are BLOCK_M // PACK positions of PACK query heads
+    that share one KV head (PACK = 1: one head; PACK = GROUP: the whole group, so each K/V tile is
+    loaded once for all of them). Key blocks above the diagonal are never loaded, blocks fully below
+    it run without a mask, only the diagonal band is masked."""
+    BLOCK_T: tl.constexpr = BLOCK_M // PACK  # query positions per tile
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    kv_head = (h // GROUP).to(tl.int64)
+    pid_bh = tl.program_id(1)
+    slots = H // PACK
+    b = (pid_bh // slots).to(tl.int64)
+    slot = pid_bh % slots
+    kv_head = ((slot * PACK) // GROUP).to(tl.int64)
     kv_len = _kv_len(KV_LENS, b, Tk, HAS_KV_LENS)
     shift = kv_len - Tq  # query i sees keys j <= i + shift
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    t0 = pid_m * BLOCK_T
+    r = tl.arange(0, BLOCK_M)
+    t = t0 + r // PACK                        # each row's query position ...
+    h = (slot * PACK + r % PACK).to(tl.int64)  # ... and query head
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Tq
-    q = tl.load(Q + b * sqb + h.to(tl.int64) * sqh + offs_m.to(tl.int64)[:, None] * sqt + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    row_ok = t < Tq
+    t64 = t.to(tl.int64)
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + t64[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)
     k_base = K + b * skb + kv_head * skh
     v_base = V + b * svb + kv_head * svh
 
@@ -96,23 +104,23 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, qk_scale, Tq, Tk, H, GROUP,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
-        end = tl.maximum(tl.minimum(kv_len, m0 + BLOCK_M + shift), 0)      # past the last row's last key
-        unmasked_end = tl.maximum(tl.minimum(end, m0 + shift + 1), 0)       # keys every row of the block sees
+        end = tl.maximum(tl.minimum(kv_len, t0 + BLOCK_T + shift), 0)      # past the last row's last key
+        unmasked_end = tl.maximum(tl.minimum(end, t0 + shift + 1), 0)      # keys every row of the tile sees
     else:
         end = kv_len
         unmasked_end = kv_len
     unmasked_end = (unmasked_end // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, 0, unmasked_end, offs_m, offs_n,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, 0, unmasked_end, t, offs_n,
                                offs_d, shift, kv_len, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, unmasked_end, end, offs_m, offs_n,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, unmasked_end, end, t, offs_n,
                                offs_d, shift, kv_len, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(O + b * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * sot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(O + b * sob + h[:, None] * soh + t64[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+    tl.store(LSE + (b * H + h) * Tq + t64, lse, mask=row_ok)
 
 
 @triton.jit
@@ -373,10 +381,11 @@ def fwd_config(arch: int, head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def fwd_candidates(arch: int, head_dim: int, dtype: torch.dtype) -> list[dict]:
-    """The forward autotune set, default first. Every entry is compiled for sm_80 and sm_90a and
-    checked for spills by tests/aot_gate.py."""
-    def cfg(m, n, warps, stages):
-        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+    """The forward autotune set, default first. ``pack_group`` entries put all query heads of a KV
+    group in one tile (used when the group size is a power of two). Every entry is compiled for
+    sm_80 and sm_90a and checked for spills by tests/aot_gate.py."""
+    def cfg(m, n, warps, stages, pack_group=False):
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages, pack_group=pack_group)
 
     if arch == 0:
         return [cfg(16, 16, 4, 1)]
@@ -384,11 +393,20 @@ def fwd_candidates(arch: int, head_dim: int, dtype: torch.dtype) -> list[dict]:
         return [cfg(32 if head_dim <= 64 else 16, 16, 4, 2)]
     if arch >= 90:
         if head_dim > 64:
-            return [cfg(128, 64, 8, 3), cfg(128, 64, 8, 2), cfg(64, 64, 8, 3), cfg(64, 32, 8, 4)]
-        return [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 4), cfg(64, 32, 4, 3)]
+            return [cfg(128, 64, 8, 3), cfg(128, 64, 8, 2), cfg(64, 64, 8, 3), cfg(64, 32, 8, 4),
+                    cfg(128, 64, 8, 3, True)]
+        return [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 4), cfg(64, 32, 4, 3),
+                cfg(128, 64, 4, 3, True)]
     if head_dim > 64:
-        return [cfg(128, 32, 8, 2), cfg(128, 32, 8, 3), cfg(128, 64, 8, 3), cfg(64, 32, 8, 3)]
-    return [cfg(128, 64, 4, 3), cfg(64, 64, 4, 3), cfg(128, 32, 4, 3), cfg(64, 32, 4, 4)]
+        return [cfg(128, 32, 8, 2), cfg(128, 32, 8, 3), cfg(128, 64, 8, 3), cfg(64, 32, 8, 3),
+                cfg(128, 32, 8, 2, True)]
+    return [cfg(128, 64, 4, 3), cfg(64, 64, 4, 3), cfg(128, 32, 4, 3), cfg(64, 32, 4, 4), cfg(128, 64, 8, 3, True)]
+
+
+def can_pack_group(cfg: dict, group: int) -> bool:
+    """A tile holds BLOCK_M // group positions of every head of the group: the group size must be a
+    power of two that divides BLOCK_M."""
+    return group & (group - 1) == 0 and cfg["BLOCK_M"] % group == 0
 
 
 def _fits_shared_memory(cfg: dict, head_dim: int, elem_bytes: int, limit: int) -> bool:
@@ -413,13 +431,16 @@ def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch) -> 
     if (len(candidates) == 1 or os.environ.get("QWEN3_KERNELS_AUTOTUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
         return candidates[0]
-    key = (q.device.index, arch, D, q.dtype, _length_bucket(q.shape[1]), _length_bucket(k.shape[1]), causal)
+    key = (q.device.index, arch, D, q.dtype, _length_bucket(q.shape[1]), _length_bucket(k.shape[1]), causal,
+           q.shape[2] // k.shape[2])
     if key not in _tuned_fwd:
         import triton.testing
 
         props = torch.cuda.get_device_properties(q.device)
         limit = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
-        fitting = [c for c in candidates if _fits_shared_memory(c, D, q.element_size(), limit)] or candidates[:1]
+        group = q.shape[2] // k.shape[2]
+        fitting = [c for c in candidates if _fits_shared_memory(c, D, q.element_size(), limit)
+                   and (not c["pack_group"] or can_pack_group(c, group))] or candidates[:1]
         times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=3, rep=10) for c in fitting]
         _tuned_fwd[key] = fitting[min(range(len(times)), key=times.__getitem__)]
     return _tuned_fwd[key]
@@ -472,8 +493,9 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None):
-    """Returns (out (B, Tq, H, D), lse (B, H, Tq) fp32, base 2)."""
+def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None, config: dict | None = None):
+    """Returns (out (B, Tq, H, D), lse (B, H, Tq) fp32, base 2). ``config`` pins the launch config
+    (one of ``fwd_candidates``); by default it is tuned."""
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
@@ -482,14 +504,18 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None)
     if out.numel() == 0:
         return out, lse
 
-    def launch(cfg):
-        _attn_fwd_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
-            q, k, v, out, lse, kv_lens if kv_lens is not None else q, softmax_scale * LOG2E, Tq, Tk, H, H // Hkv,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype),
-            **cfg)
+    group = H // Hkv
 
-    launch(tuned_fwd_config(q, k, causal, launch))
+    def launch(cfg):
+        pack = group if cfg["pack_group"] and can_pack_group(cfg, group) else 1
+        meta = {k: v for k, v in cfg.items() if k != "pack_group"}
+        _attn_fwd_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"] // pack), B * (H // pack))](
+            q, k, v, out, lse, kv_lens if kv_lens is not None else q, softmax_scale * LOG2E, Tq, Tk, H, group,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, PACK=pack,
+            DOT_PRECISION=_dot_precision(q.dtype), **meta)
+
+    launch(config if config is not None else tuned_fwd_config(q, k, causal, launch))
     return out, lse
 
 
