@@ -44,7 +44,7 @@ def cpu_pair():
 @pytest.mark.parametrize("provider", ["qwen3_kernels", "transformers"])
 def test_cpu_prefill(benchmark, peak, cpu_pair, provider):
     if CUDA:
-        pytest.skip("CPU case")
+        pytest.skip("the CPU comparison runs on CPU-only machines; this one has a GPU")
     model, hf = cpu_pair
     ids = torch.randint(0, CPU_CONFIG.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
 
@@ -60,7 +60,7 @@ def test_cpu_prefill(benchmark, peak, cpu_pair, provider):
 @pytest.mark.parametrize("provider", ["qwen3_kernels", "transformers"])
 def test_cpu_cached_decode(benchmark, peak, cpu_pair, provider):
     if CUDA:
-        pytest.skip("CPU case")
+        pytest.skip("the CPU comparison runs on CPU-only machines; this one has a GPU")
     model, hf = cpu_pair
     ids = torch.randint(0, CPU_CONFIG.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     new = 64
