@@ -8,18 +8,12 @@ the JSON into the table, speedups and goal checks."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not CUDA, reason="GPU case: needs a CUDA device (this machine has none)")
 L2_BYTES = 50 * 2**20  # H100: 50 MiB; inputs smaller than this are rotated so L2 does not flatter them
-
-
-def pytest_configure(config):
-    os.environ.setdefault("QWEN3_KERNELS_BACKEND", "auto")
 
 
 def sync():

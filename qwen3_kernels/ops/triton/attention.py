@@ -373,13 +373,6 @@ def _arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def fwd_config(arch: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """The default block sizes of the forward kernel for sm_{arch} (0: the CPU interpreter, where only
-    correctness matters); the first entry of ``fwd_candidates``. fp32 (a correctness path with exact
-    IEEE dots) gets small tiles: larger ones spill."""
-    return fwd_candidates(arch, head_dim, dtype)[0]
-
-
 def fwd_candidates(arch: int, head_dim: int, dtype: torch.dtype) -> list[dict]:
     """The forward autotune set, default first. ``pack_group`` entries put all query heads of a KV
     group in one tile (used when the group size is a power of two). Every entry is compiled for

@@ -101,7 +101,7 @@ def _rope_bwd_kernel(DY, X, W, COS, SIN, DX, DW_PARTIAL, n_tokens, tokens_per_pr
         tl.store(row + HALF + cols, dw2, mask=col_ok)
 
 
-def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str) -> torch.Tensor:
+def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str) -> None:
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape (B, T, H, D), got {tuple(x.shape)}")
     B, T, H, D = x.shape
@@ -110,7 +110,6 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str) -> 
     if cos.shape != sin.shape or cos.shape not in ((T, D), (B, T, D)):
         raise ValueError(f"cos/sin must have shape (T, D) = {(T, D)} or (B, T, D) = {(B, T, D)}, "
                          f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _table_strides(cos: torch.Tensor) -> tuple[int, int]:
@@ -124,7 +123,7 @@ def _block(H: int, D: int) -> dict:
 
 
 def rope_forward(x, cos, sin, weight=None, eps=1e-6):
-    x = _check(x, cos, sin, "x")
+    x = x if x.stride(-1) == 1 else x.contiguous()  # shapes were checked at the public entry point
     cos, sin = cos.contiguous(), sin.contiguous()
     B, T, H, D = x.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
