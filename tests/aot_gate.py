@@ -1,164 +1,349 @@
 """Ahead-of-time compile gate, runnable without a GPU: ``python tests/aot_gate.py 90`` compiles every
-Triton kernel of the package at every launch configuration its launcher picks for Qwen3 shapes, for
-sm_80 or sm_90a, runs ptxas -v on each, and prints one JSON line per kernel config (registers, spill
-bytes, shared memory). tests/ops/test_aot_compile.py runs it in a subprocess, because kernels defined
-under TRITON_INTERPRET=1 (as in the CPU test session) cannot be compiled."""
+Triton kernel of the package exactly as it is launched on an sm_90 (H100/H200, 132 SMs) or sm_80
+(A100, 108 SMs) GPU at Qwen3 shapes, and prints one JSON line per compiled kernel.
 
+"Exactly as launched" means the real launchers run (``rms_norm_forward``, ``attention_forward``, ...)
+on meta tensors shaped and strided as the model makes them, and Triton's own runtime binds the
+arguments: pointer alignment, integers divisible by 16 and integers equal to 1 are specialised as on
+a real launch, and the configs are the ones the launchers pick on that architecture (every forward
+autotune candidate included). Only the last step differs: Triton compiles for the named target and
+stops before loading the binary. Triton's in-memory cache merges launches that compile to the same
+kernel, so each distinct kernel is compiled once; its row lists how many launches share it.
+
+Each row has ptxas's registers and spill bytes, shared memory, resident CTAs per SM, which MMA
+instructions the ``tl.dot``s became, and the global load/store vector widths read from the PTX.
+``check(rows)`` names what fails the gate: a compile error, a spill, shared memory over the
+architecture's per-block limit, or a kernel that cannot be resident at all.
+``python tests/aot_gate.py --markdown`` prints the README's tables (both architectures).
+
+tests/ops/test_aot_compile.py runs this in subprocesses, because kernels defined under
+TRITON_INTERPRET=1 (as in the CPU test session) cannot be compiled."""
+
+from __future__ import annotations
+
+import contextlib
+import io
 import json
+import math
 import os
 import re
-import subprocess
 import sys
-import tempfile
+import time
+from collections import Counter
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # an on-disk cache hit would skip ptxas and its report
+os.environ.pop("TRITON_INTERPRET", None)
 
-TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-DTYPES = list(TRITON_DTYPES)
-# Qwen3 hidden sizes (0.6B .. 32B) plus head_dim rows; query/KV head counts of the presets.
-HIDDEN = [1024, 2048, 2560, 4096, 5120, 128]
-HEADS = [8, 16, 32, 40, 64]
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
-
-def signature(kernel, pointers: dict, constexprs: dict, floats=("eps", "qk_scale", "sm_scale")) -> dict:
-    """``pointers`` maps pointer args to element types; named float args are fp32, constexprs as
-    given, every other argument an i32."""
-    unknown = [n for n in [*pointers, *constexprs] if n not in kernel.arg_names]
-    if unknown:
-        raise KeyError(f"not arguments of {kernel.fn.__name__}: {unknown}")
-    return {name: "constexpr" if name in constexprs else "*" + pointers[name] if name in pointers
-            else "fp32" if name in floats else "i32" for name in kernel.arg_names}
+# Per-SM limits (CUDA occupancy calculator): register file, threads, CTAs, and shared memory per SM
+# and per block (opt-in maximum); the runtime reserves 1 KB of shared memory per CTA.
+ARCH = {
+    80: dict(gpu="A100", sms=108, smem_per_sm=164 * 1024, smem_per_block=163 * 1024),
+    90: dict(gpu="H100/H200", sms=132, smem_per_sm=228 * 1024, smem_per_block=227 * 1024),
+}
+REGS_PER_SM, THREADS_PER_SM, CTAS_PER_SM, SMEM_RESERVED_PER_CTA = 65536, 2048, 32, 1024
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # every dtype the dispatcher sends to Triton
 
 
-def _ptxas(arch: int) -> str:
-    """The ptxas Triton itself uses for ``arch`` (newer Triton ships a second one for sm_90+)."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        return get_ptxas(arch).path
-    except ImportError:
-        return triton.knobs.nvidia.ptxas.path
+class _CompileOnlyDriver:
+    """What Triton's runtime asks of the active driver before a launch: the target, a device id
+    (one per architecture, so Triton's per-device kernel caches stay apart) and a stream."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("meta")
 
 
-def compile_and_report(kernel, pointers, constexprs, arch, num_warps, num_stages=3) -> dict:
-    src = ASTSource(kernel, signature(kernel, pointers, constexprs), constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "kernel.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        out = subprocess.run([_ptxas(arch), f"-arch={gpu}", "-v", ptx, "-o",
-                              os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True)
-    log = out.stdout + out.stderr
-    return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
-            "spill_bytes": sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)),
-            "shared_bytes": compiled.metadata.shared}
+class Recorder:
+    """Replaces ``kernel[grid](...)`` with Triton's warm-up path (bind, specialise, compile, no
+    launch) and records every compiled kernel with ptxas's report and the launches it serves."""
+
+    def __init__(self):
+        self.kernels: dict[int, dict] = {}  # id(compiled kernel) -> row
+        self.workload = ""
+
+    @contextlib.contextmanager
+    def active(self, arch: int):
+        from triton.runtime import driver
+
+        recorder = self
+
+        def compile_only(jit_fn, grid):
+            def launch(*args, **kwargs):
+                log = io.StringIO()
+                with contextlib.redirect_stdout(log):  # ptxas -v, printed by Triton
+                    compiled = jit_fn.run(*args, grid=grid, warmup=True, **kwargs)
+                    if id(compiled) not in recorder.kernels and not log.getvalue():
+                        # compiled before this recorder started: compile again for ptxas's report
+                        jit_fn.device_caches.pop(arch, None)
+                        compiled = jit_fn.run(*args, grid=grid, warmup=True, **kwargs)
+                recorder._record(jit_fn, compiled, args, kwargs, log.getvalue())
+            return launch
+
+        original = JITFunction.__getitem__
+        JITFunction.__getitem__ = compile_only
+        triton.knobs.nvidia.dump_ptxas_log = True
+        previous = driver._active  # None on a machine with no GPU driver
+        driver.set_active(_CompileOnlyDriver(arch))
+        try:
+            from qwen3_kernels.ops.triton import _common
+            with _common.simulated_gpu(arch, ARCH[arch]["sms"]):
+                yield self
+        finally:
+            JITFunction.__getitem__ = original
+            driver._active = previous
+
+    def _record(self, jit_fn, compiled, args, kwargs, ptxas_log):
+        row = self.kernels.get(id(compiled))
+        if row is None:
+            tensor = next(a for a in args if isinstance(a, torch.Tensor))
+            meta = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+            ints = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
+            row = dict(kernel=jit_fn.fn.__name__.strip("_").removesuffix("_kernel"),
+                       dtype=str(tensor.dtype).removeprefix("torch."),
+                       config=" ".join(f"{k}={_short(v)}" for k, v in meta.items()),
+                       num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
+                       ints_equal_1=sum(a == 1 for a in ints), ints_div_16=sum(a % 16 == 0 and a != 0 for a in ints),
+                       shared_bytes=compiled.metadata.shared, **ptxas_report(ptxas_log),
+                       **ptx_facts(compiled.asm["ptx"]), launches=0, workloads=[])
+            self.kernels[id(compiled)] = row
+            self._compiled = getattr(self, "_compiled", [])
+            self._compiled.append(compiled)  # keep it alive: ids must stay unique
+        row["launches"] += 1
+        if self.workload not in row["workloads"]:
+            row["workloads"].append(self.workload)
 
 
-def configs():
-    """(name, kernel, pointer dtypes, constexprs, num_warps, num_stages) for every launch config."""
-    from qwen3_kernels.ops.triton import _common, rope, swiglu
-    from qwen3_kernels.ops.triton import rms_norm as rms
-
-    for dtype in DTYPES:
-        t = TRITON_DTYPES[dtype]
-        for n in HIDDEN:
-            block_n, rows, warps = _common.row_block(n)
-            for residual in (False, True):
-                yield (f"rms_norm_fwd[{dtype},N={n},residual={residual}]", rms._rms_norm_fwd_kernel,
-                       dict(X=t, R=t, W=t, Y=t, S=t, RSTD="fp32"),
-                       dict(HAS_RESIDUAL=residual, BLOCK_N=block_n, ROWS=rows), warps, 3)
-                yield (f"rms_norm_bwd[{dtype},N={n},ds={residual}]", rms._rms_norm_bwd_kernel,
-                       dict(DY=t, X=t, W=t, RSTD="fp32", DS=t, DX=t, DW_PARTIAL="fp32"),
-                       dict(HAS_DS=residual, BLOCK_N=block_n, ROWS=rows), warps, 3)
-        for h in HEADS:
-            for d in (64, 128):
-                block = rope._block(h, d)
-                warps = block.pop("num_warps")
-                for norm in (False, True):
-                    yield (f"rope_fwd[{dtype},H={h},D={d},norm={norm}]", rope._rope_fwd_kernel,
-                           dict(X=t, W=t, COS=t, SIN=t, Y=t), dict(HAS_NORM=norm, **block), warps, 3)
-                    yield (f"rope_bwd[{dtype},H={h},D={d},norm={norm}]", rope._rope_bwd_kernel,
-                           dict(DY=t, X=t, W=t, COS=t, SIN=t, DX=t, DW_PARTIAL="fp32"),
-                           dict(HAS_NORM=norm, **block), warps, 3)
-        yield (f"swiglu_fwd[{dtype}]", swiglu._swiglu_fwd_kernel, dict(G=t, U=t, Y=t),
-               dict(BLOCK=swiglu._BLOCK), 4, 3)
-        yield (f"swiglu_bwd[{dtype}]", swiglu._swiglu_bwd_kernel, dict(DY=t, G=t, U=t, DG=t, DU=t),
-               dict(BLOCK=swiglu._BLOCK), 4, 3)
+def _short(value) -> str:
+    return {True: "1", False: "0"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 
-def attention_configs(arch: int):
-    """Every attention kernel at the configs its launcher picks on sm_{arch} for head_dim 64/128,
-    each dtype, causal, with and without per-sequence KV lengths, and Qwen3's GQA groups (decode)."""
+def ptxas_report(log: str) -> dict:
+    regs = re.findall(r"Used (\d+) registers", log)
+    if not regs:
+        raise RuntimeError(f"no ptxas report in Triton's output (is TRITON_ALWAYS_COMPILE honoured?):\n{log[-2000:]}")
+    return dict(registers=int(regs[-1]),
+                spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)))
+
+
+def _widths(ptx: str, op: str) -> str:
+    """Bytes per global access of ``op`` (ld/st), as 'bytes x count' from widest to narrowest."""
+    counts: Counter = Counter()
+    for suffix in re.findall(rf"\b{op}\.global((?:\.[\w:]+)+)", ptx):
+        parts = suffix.split(".")
+        vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+        bits = next((int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bfsu]\d+", p)), 0)
+        counts[vec * bits // 8] += 1
+    return " ".join(f"{w}Bx{n}" for w, n in sorted(counts.items(), reverse=True)) or "-"
+
+
+def ptx_facts(ptx: str) -> dict:
+    wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))
+    mma = sorted(set(re.findall(r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))
+    cp_async = Counter(int(n, 0) for n in re.findall(
+        r"cp\.async\.c[ag]\.shared\.global[\w:.]*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)", ptx))
+    mma_text = (" ".join(f"wgmma.{s}" for s in wgmma) + " " + " ".join(f"mma.sync.{s}" for s in mma)).strip()
+    return dict(mma=mma_text or "-",
+                loads=_widths(ptx, "ld"), stores=_widths(ptx, "st"),
+                cp_async=" ".join(f"{w}Bx{n}" for w, n in sorted(cp_async.items(), reverse=True)) or "-",
+                tma="cp.async.bulk.tensor" in ptx)
+
+
+def resident_ctas(arch: int, registers: int, shared_bytes: int, num_warps: int) -> int:
+    regs_per_warp = math.ceil(registers * 32 / 256) * 256  # registers are allocated per warp, 256 at a time
+    by_regs = (REGS_PER_SM // regs_per_warp) // num_warps
+    by_smem = ARCH[arch]["smem_per_sm"] // (shared_bytes + SMEM_RESERVED_PER_CTA)
+    by_threads = THREADS_PER_SM // (32 * num_warps)
+    return min(by_regs, by_smem, by_threads, CTAS_PER_SM)
+
+
+# ---------------------------------------------------------------------------------------------
+# The launches: what the model and its backward issue at Qwen3 shapes
+# ---------------------------------------------------------------------------------------------
+
+def _meta(*shape, dtype):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def model_shapes():
+    """(name, hidden, heads, kv_heads, head_dim, intermediate) of every dense Qwen3 size, plus the
+    small head dims the tests use."""
+    from qwen3_kernels.config import PRESETS
+
+    for name, c in PRESETS.items():
+        yield name, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    for d in (16, 32, 64):
+        yield f"test-D{d}", 4 * d, 4, 2, d, 6 * d
+
+
+PREFILL_LENGTHS = (1, 4096, 16384)   # one token, and long prompts / training sequences
+DECODE_BATCHES = (1, 8, 64)
+CACHE_LENGTHS = (1024, 32768)
+
+
+def workloads(arch: int):
+    """(tag, thunk) pairs; each thunk runs real launchers on meta tensors."""
     from qwen3_kernels.ops.triton import attention as attn
-    import torch
+    from qwen3_kernels.ops.triton import rms_norm, rope, swiglu
 
     for dtype in DTYPES:
-        t = TRITON_DTYPES[dtype]
-        torch_dtype = getattr(torch, dtype)
-        precision = attn._dot_precision(torch_dtype)
-        for d in (64, 128):
-            for kv_lens in (False, True):
-                flags = dict(CAUSAL=True, HAS_KV_LENS=kv_lens, HEAD_DIM=d, DOT_PRECISION=precision)
-                tag = f"{dtype},D={d},kv_lens={kv_lens}"
-                for cfg in attn.fwd_candidates(arch, d, torch_dtype):  # the whole autotune set
-                    packs = [g for g in (2, 4, 8) if attn.can_pack_group(cfg, g)] if cfg["pack_group"] else [1]
-                    for pack in packs:  # Qwen3's GQA groups: 2 (0.6B, 1.7B), 4 (4B, 8B), 8 (32B)
-                        blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PACK=pack)
-                        yield (f"attn_fwd[{tag},{cfg['BLOCK_M']}x{cfg['BLOCK_N']},pack={pack}]",
-                               attn._attn_fwd_kernel, dict(Q=t, K=t, V=t, O=t, LSE="fp32", KV_LENS="i32"),
-                               {**flags, **blocks}, cfg["num_warps"], cfg["num_stages"])
-                cfg = attn.bwd_config(arch, d, torch_dtype)
-                blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-                yield (f"attn_bwd_dkdv[{tag}]", attn._attn_bwd_dkdv_kernel,
-                       dict(Q=t, K=t, V=t, DO=t, LSE="fp32", DELTA="fp32", DK=t, DV=t, KV_LENS="i32"),
-                       {**flags, **blocks}, cfg["num_warps"], cfg["num_stages"])
-                yield (f"attn_bwd_dq[{tag}]", attn._attn_bwd_dq_kernel,
-                       dict(Q=t, K=t, V=t, DO=t, LSE="fp32", DELTA="fp32", DQ=t, KV_LENS="i32"),
-                       {**flags, **blocks}, cfg["num_warps"], cfg["num_stages"])
-                for group in (1, 2, 4, 5, 8):  # H / Hkv of the Qwen3 presets, and MHA
-                    cfg = attn.decode_config(arch, d, torch_dtype, group)
-                    blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-                    yield (f"attn_decode[{tag},group={group}]", attn._attn_decode_kernel,
-                           dict(Q=t, K=t, V=t, O_PART="fp32", LSE_PART="fp32", KV_LENS="i32"),
-                           {**flags, **blocks}, cfg["num_warps"], cfg["num_stages"])
-            yield (f"attn_bwd_delta[{dtype},D={d}]", attn._attn_bwd_delta_kernel, dict(O=t, DO=t, DELTA="fp32"),
-                   dict(HEAD_DIM=d, BLOCK_M=attn.DELTA_BLOCK_M), 4, 3)
-            for block_s in (1, 16, 128):
-                yield (f"attn_decode_combine[{dtype},D={d},splits<={block_s}]", attn._attn_decode_combine_kernel,
-                       dict(O_PART="fp32", LSE_PART="fp32", O=t), dict(HEAD_DIM=d, BLOCK_M=16, BLOCK_S=block_s),
-                       4 if d > 64 else 2, 3)
+        dt = str(dtype).removeprefix("torch.")
+        for name, C, H, Hkv, D, inter in model_shapes():
+            scale = D ** -0.5
+            for T in PREFILL_LENGTHS:
+                B = 1
+                tag = f"{name} {dt} prefill B={B} T={T}"
+
+                def token_ops(B=B, T=T, C=C, H=H, Hkv=Hkv, D=D, inter=inter, cos_shape=(T, D)):
+                    x, w = _meta(B, T, C, dtype=dtype), _meta(C, dtype=dtype)
+                    y, summed, rstd = rms_norm.rms_norm_forward(x, w, 1e-6)
+                    y, summed, rstd = rms_norm.rms_norm_forward(x, w, 1e-6, residual=x)
+                    rms_norm.rms_norm_backward(x, x, w, rstd)
+                    rms_norm.rms_norm_backward(x, x, w, rstd, x)
+                    q = _meta(B, T, H * D, dtype=dtype).view(B, T, H, D)   # q_proj(x).view(...)
+                    k = _meta(B, T, Hkv * D, dtype=dtype).view(B, T, Hkv, D)
+                    cos = _meta(*cos_shape, dtype=dtype)
+                    qw = _meta(D, dtype=dtype)
+                    for t in (q, k):
+                        rope.rope_forward(t, cos, cos, qw, 1e-6)
+                        rope.rope_backward(t, t, cos, cos, qw, 1e-6)
+                    rope.rope_forward(q, cos, cos)
+                    rope.rope_backward(q, q, cos, cos)
+                    g = _meta(B, T, inter, dtype=dtype)
+                    swiglu.swiglu_forward(g, g)
+                    swiglu.swiglu_backward(g, g, g)
+
+                if not name.startswith("test-"):  # the test shapes exist for their attention head dims
+                    yield f"{tag} elementwise", token_ops
+
+                def prefill(B=B, T=T, H=H, Hkv=Hkv, D=D, scale=scale):
+                    q, k = _meta(B, T, H, D, dtype=dtype), _meta(B, T, Hkv, D, dtype=dtype)
+                    for cfg in attn.fwd_candidates(arch, D, dtype):
+                        out, lse = attn.attention_forward(q, k, k, True, scale, config=cfg)
+                    attn.attention_backward(out, q, k, k, out, lse, True, scale)
+
+                yield f"{tag} attention", prefill
+
+            for B in DECODE_BATCHES:
+                for max_len in CACHE_LENGTHS:
+                    tag = f"{name} {dt} decode B={B} cache={max_len}"
+
+                    def decode(B=B, max_len=max_len, H=H, Hkv=Hkv, D=D, scale=scale, C=C, inter=inter):
+                        cache = _meta(2, B, max_len, Hkv, D, dtype=dtype)  # KVCache.k: (layers, B, max_len, Hkv, D)
+                        q = _meta(B, 1, H, D, dtype=dtype)
+                        kv_lens = _meta(B, dtype=torch.int32)
+                        assert attn.use_decode_kernel(q, cache[1])
+                        attn.decode_forward(q, cache[1], cache[1], True, scale, kv_lens)
+
+                    yield f"{tag} attention", decode
+
+                    def decode_tokens(B=B, C=C, H=H, Hkv=Hkv, D=D, inter=inter):
+                        x, w = _meta(B, 1, C, dtype=dtype), _meta(C, dtype=dtype)
+                        rms_norm.rms_norm_forward(x, w, 1e-6)
+                        rms_norm.rms_norm_forward(x, w, 1e-6, residual=x)
+                        q = _meta(B, 1, H * D, dtype=dtype).view(B, 1, H, D)
+                        k = _meta(B, 1, Hkv * D, dtype=dtype).view(B, 1, Hkv, D)
+                        cos, qw = _meta(B, 1, D, dtype=dtype), _meta(D, dtype=dtype)  # per-sequence positions
+                        rope.rope_forward(q, cos, cos, qw, 1e-6)
+                        rope.rope_forward(k, cos, cos, qw, 1e-6)
+                        g = _meta(B, 1, inter, dtype=dtype)
+                        swiglu.swiglu_forward(g, g)
+
+                    if not name.startswith("test-"):
+                        yield f"{tag} elementwise", decode_tokens
+
+            def chunked_prefill(H=H, Hkv=Hkv, D=D, scale=scale):  # a prompt chunk appended to a cache
+                cache = _meta(2, 1, 32768, Hkv, D, dtype=dtype)
+                q, kv_lens = _meta(1, 4096, H, D, dtype=dtype), _meta(1, dtype=torch.int32)
+                for cfg in attn.fwd_candidates(arch, D, dtype):
+                    attn.attention_forward(q, cache[1], cache[1], True, scale, kv_lens, config=cfg)
+
+            yield f"{name} {dt} chunked prefill T=4096 cache=32768 attention", chunked_prefill
 
 
-def all_configs(arch: int) -> list:
-    return [*configs(), *attention_configs(arch)]
+def run(arch: int, only: str = "", progress: bool = False) -> list[dict]:
+    recorder = Recorder()
+    with recorder.active(arch):
+        for tag, thunk in workloads(arch):
+            if only not in tag:
+                continue
+            recorder.workload = tag
+            before, started = len(recorder.kernels), time.perf_counter()
+            thunk()
+            if progress:
+                print(f"{time.perf_counter() - started:6.1f} s {len(recorder.kernels) - before:3d} new kernels  {tag}",
+                      file=sys.stderr, flush=True)
+    rows = list(recorder.kernels.values())
+    for row in rows:
+        row["arch"] = arch
+        row["ctas_per_sm"] = resident_ctas(arch, row["registers"], row["shared_bytes"], row["num_warps"])
+    return rows
 
 
-_worker_configs: list = []
+def check(rows: list[dict]) -> list[str]:
+    """Why the gate fails, one line per problem (empty: it passes)."""
+    problems = []
+    for r in rows:
+        where = f"sm_{r['arch']} {r['kernel']} [{r['dtype']} {r['config']} warps={r['num_warps']} " \
+                f"stages={r['num_stages']}] " \
+                f"(e.g. {r['workloads'][0]})"
+        if r["spill_bytes"]:
+            problems.append(f"{where}: {r['spill_bytes']} bytes of register spills")
+        if r["shared_bytes"] > ARCH[r["arch"]]["smem_per_block"]:
+            problems.append(f"{where}: {r['shared_bytes']} bytes of shared memory, over the "
+                            f"{ARCH[r['arch']]['smem_per_block']} a block may use")
+        if r["ctas_per_sm"] < 1:
+            problems.append(f"{where}: cannot be resident on an SM")
+    return problems
 
 
-def _compile_one(job: tuple) -> str:
-    arch, index = job
-    if not _worker_configs:
-        _worker_configs.extend(all_configs(arch))
-    name, kernel, pointers, constexprs, warps, stages = _worker_configs[index]
-    report = compile_and_report(kernel, pointers, constexprs, arch, warps, stages)
-    return json.dumps({"name": name, "arch": arch, "num_warps": warps, "num_stages": stages, **report})
+COLUMNS = ("kernel", "dtype", "config", "warps", "stages", "regs", "smem KB", "CTAs/SM", "MMA", "ld.global",
+           "st.global", "cp.async", "launches")
 
 
-def main(arch: int) -> None:
-    import multiprocessing
+def markdown(rows: list[dict]) -> str:
+    arch = rows[0]["arch"]
+    lines = [f"**sm_{arch}** ({ARCH[arch]['gpu']}, {ARCH[arch]['sms']} SMs), Triton {triton.__version__}: "
+             f"{len(rows)} kernels for {sum(r['launches'] for r in rows)} launches",
+             "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["dtype"], r["config"], r["num_warps"], r["ints_equal_1"])):
+        config = r["config"] + (f" ({r['ints_equal_1']} args = 1)" if r["ints_equal_1"] else "")
+        lines.append("| " + " | ".join(str(v) for v in (
+            r["kernel"], r["dtype"], config, r["num_warps"], r["num_stages"], r["registers"],
+            f"{r['shared_bytes'] / 1024:.1f}", r["ctas_per_sm"], r["mma"], r["loads"], r["stores"],
+            r["cp_async"] + (" TMA" if r["tma"] else ""), r["launches"])) + " |")
+    return "\n".join(lines)
 
-    jobs = [(arch, i) for i in range(len(all_configs(arch)))]
-    with multiprocessing.get_context("spawn").Pool(os.cpu_count() or 1) as pool:  # compiling is CPU-bound
-        for line in pool.imap(_compile_one, jobs, chunksize=4):
-            print(line, flush=True)
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--markdown":
+        for arch in (80, 90):
+            print(markdown(run(arch)) + "\n")
+        return 0
+    rows = run(int(argv[0]), argv[1] if len(argv) > 1 else "", progress=True)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    problems = check(rows)
+    for p in problems:
+        print(p, file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
-    main(int(sys.argv[1]))
+    sys.exit(main(sys.argv[1:]))

@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import triton
+
+
+def _squeeze_interpreter_scalars() -> None:
+    """Triton's interpreter holds a scalar as a shape-(1,) NumPy array; before Triton 3.7 it converted
+    one to a Python int with ``int(array)``, which NumPy >= 2.4 refuses ("only 0-dimensional arrays
+    can be converted to Python scalars"), so ``range()`` over a computed bound failed on Triton 3.6.
+    Triton 3.7 squeezes the array first; give older interpreters the same conversion. Compiled
+    kernels are untouched: this only patches the interpreter's tensor methods."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "squeezes_scalars", False):
+        return
+    import inspect
+    if ".squeeze()" in inspect.getsource(original):  # Triton 3.7+: already right
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_scalars = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+_squeeze_interpreter_scalars()
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -25,11 +54,55 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# (arch, SM count) that launchers assume for tensors that live on no real GPU: set only by
+# ``simulated_gpu``, which the ahead-of-time compile gate uses to bind real launches on meta tensors.
+_simulated: tuple[int, int] | None = None
+
+
+@contextlib.contextmanager
+def simulated_gpu(arch: int, sms: int):
+    """Inside, launchers pick block sizes, pipelining and split counts as on a CUDA sm_{arch} GPU
+    with ``sms`` multiprocessors for tensors not on a CUDA device (meta tensors in the compile gate,
+    fake CUDA tensors in tests)."""
+    global _simulated
+    previous, _simulated = _simulated, (arch, sms)
+    try:
+        yield
+    finally:
+        _simulated = previous
+
+
+def device_arch(device: torch.device) -> int:
+    """10 * major + minor of a CUDA device (80 for A100, 90 for H100/H200); 0 for the interpreter."""
+    if _simulated is not None:
+        return _simulated[0]
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors on ``device``; a small stand-in for the CPU interpreter."""
+    if _simulated is not None:
+        return _simulated[1]
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+def on_tensor_device(launcher):
+    """Triton launches on the *current* CUDA device, whatever device the tensors are on, and
+    ``torch.library`` adds no device guard: run ``launcher`` with its first tensor argument's device
+    made current, so tensors on cuda:1 are computed on cuda:1."""
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None or first.device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launcher(*args, **kwargs)
+    return guarded
 
 
 def row_block(n: int, max_elements: int = 4096) -> tuple[int, int, int]:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import num_sms
+from ._common import device_arch, num_sms, on_tensor_device
 
 LOG2E = 1.4426950408889634
 
@@ -67,7 +67,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start, en
     return acc, l_i, m_i
 
 
-@triton.jit
+# Tq/Tk only bound loops and masks: a one-token prompt reuses the long-prompt kernel instead of
+# compiling each autotune candidate again for Tq == Tk == 1.
+@triton.jit(do_not_specialize=["Tq", "Tk"])
 def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, qk_scale, Tq, Tk, H, GROUP,
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                      CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -169,7 +171,9 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, 
     return dk, dv
 
 
-@triton.jit
+# A one-token sequence would otherwise get its own specialisation (Tq == 1 as a constant), which
+# compiles to a different schedule that spills; training never needs a faster T = 1 backward.
+@triton.jit(do_not_specialize=["Tq", "Tk"])
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, qk_scale, sm_scale, Tq, Tk, H, GROUP,
                           sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                           sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
@@ -255,7 +259,9 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, start, end, offs_
     return dq
 
 
-@triton.jit
+# A one-token sequence would otherwise get its own specialisation (Tq == 1 as a constant), which
+# compiles to a different schedule that spills; training never needs a faster T = 1 backward.
+@triton.jit(do_not_specialize=["Tq", "Tk"])
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, qk_scale, sm_scale, Tq, Tk, H, GROUP,
                         sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh,
                         CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -366,13 +372,6 @@ def _attn_decode_combine_kernel(O_PART, LSE_PART, O, Tq, GROUP, n_splits, sob, s
 HEAD_DIMS = (16, 32, 64, 128)
 
 
-def _arch(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
 def fwd_candidates(arch: int, head_dim: int, dtype: torch.dtype) -> list[dict]:
     """The forward autotune set, default first. ``pack_group`` entries put all query heads of a KV
     group in one tile (used when the group size is a power of two). Every entry is compiled for
@@ -390,10 +389,11 @@ def fwd_candidates(arch: int, head_dim: int, dtype: torch.dtype) -> list[dict]:
                     cfg(128, 64, 8, 3, True)]
         return [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 4), cfg(64, 32, 4, 3),
                 cfg(128, 64, 4, 3, True)]
+    # sm_80: bound as a launch binds them (16-byte aligned, vectorised), 128 x 64 tiles at D = 128
+    # and 128 x 64 on 4 warps at D = 64 spill; these do not, on Triton 3.6 and 3.9 alike.
     if head_dim > 64:
-        return [cfg(128, 32, 8, 2), cfg(128, 32, 8, 3), cfg(128, 64, 8, 3), cfg(64, 32, 8, 3),
-                cfg(128, 32, 8, 2, True)]
-    return [cfg(128, 64, 4, 3), cfg(64, 64, 4, 3), cfg(128, 32, 4, 3), cfg(64, 32, 4, 4), cfg(128, 64, 8, 3, True)]
+        return [cfg(128, 32, 8, 3), cfg(64, 64, 8, 3), cfg(64, 32, 4, 3), cfg(128, 32, 8, 3, True)]
+    return [cfg(64, 64, 4, 3), cfg(128, 64, 8, 3), cfg(128, 32, 4, 3), cfg(64, 32, 4, 4), cfg(128, 64, 8, 3, True)]
 
 
 def can_pack_group(cfg: dict, group: int) -> bool:
@@ -419,9 +419,9 @@ def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch) -> 
     """The fastest forward config for this (arch, length bucket, head_dim, dtype), measured once with
     ``launch(cfg)``. The default config is used where measuring is impossible or unwanted: the
     interpreter, CUDA-graph capture, or ``QWEN3_KERNELS_AUTOTUNE=0`` (how tests pin one config)."""
-    arch, D = _arch(q.device), q.shape[-1]
+    arch, D = device_arch(q.device), q.shape[-1]
     candidates = fwd_candidates(arch, D, q.dtype)
-    if (len(candidates) == 1 or os.environ.get("QWEN3_KERNELS_AUTOTUNE", "1") == "0"
+    if (len(candidates) == 1 or q.device.type != "cuda" or os.environ.get("QWEN3_KERNELS_AUTOTUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
         return candidates[0]
     key = (q.device.index, arch, D, q.dtype, _length_bucket(q.shape[1]), _length_bucket(k.shape[1]), causal,
@@ -452,7 +452,9 @@ def decode_config(arch: int, head_dim: int, dtype: torch.dtype, packed_rows: int
         return dict(BLOCK_M=block_m, BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=block_m, BLOCK_N=16, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4, num_stages=2)
+    # small heads get 2 warps: a 16 x 64 tile of D <= 32 spread over 4 warps spills on sm_90
+    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4 if head_dim > 32 else 2,
+                num_stages=2)
 
 
 DELTA_BLOCK_M = 32
@@ -486,6 +488,7 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+@on_tensor_device
 def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None, config: dict | None = None):
     """Returns (out (B, Tq, H, D), lse (B, H, Tq) fp32, base 2). ``config`` pins the launch config
     (one of ``fwd_candidates``); by default it is tuned."""
@@ -512,6 +515,7 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None,
     return out, lse
 
 
+@on_tensor_device
 def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float, kv_lens=None):
     """Returns (dq, dk, dv)."""
     do, q, k, v = _unit_stride(do), _unit_stride(q), _unit_stride(k), _unit_stride(v)
@@ -525,7 +529,7 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float
     delta = torch.empty_like(lse)
     _attn_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
         out, do, delta, Tq, H, *out.stride()[:3], *do.stride()[:3], HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
-    cfg = bwd_config(_arch(q.device), D, q.dtype)
+    cfg = bwd_config(device_arch(q.device), D, q.dtype)
     common = dict(CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype),
                   **cfg)
     lens = kv_lens if kv_lens is not None else q
@@ -548,13 +552,14 @@ def num_splits(batch: int, kv_heads: int, max_kv_len: int, block_n: int, sms: in
     return max(1, min(want, triton.cdiv(max_kv_len, 4 * block_n), 128))
 
 
+@on_tensor_device
 def decode_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None):
     """Split-KV attention for few queries over many keys; returns out (B, Tq, H, D)."""
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     group = H // Hkv
-    cfg = decode_config(_arch(q.device), D, q.dtype, group * Tq)
+    cfg = decode_config(device_arch(q.device), D, q.dtype, group * Tq)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     splits = num_splits(B, Hkv, Tk, block_n, num_sms(q.device))
     split_size = triton.cdiv(triton.cdiv(max(Tk, 1), splits), block_n) * block_n

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, num_sms, row_block
+from ._common import as_rows, num_sms, on_tensor_device, row_block
 
 
 @triton.jit
@@ -64,6 +64,7 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW_PARTIAL, stride_dy, stride_x
     tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=col_ok)
 
 
+@on_tensor_device
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """Returns (y, summed or None, rstd), y and summed shaped like x."""
     if weight.shape != (x.shape[-1],):
@@ -90,6 +91,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, residual
     return y, summed, rstd
 
 
+@on_tensor_device
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                       d_summed: torch.Tensor | None = None):
     """Returns (dx, dweight); ``x`` is the tensor that was normalised (the sum, for add_rms_norm)."""

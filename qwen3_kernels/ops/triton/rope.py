@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import num_sms, warps_for
+from ._common import num_sms, on_tensor_device, warps_for
 
 
 @triton.jit
@@ -122,6 +122,7 @@ def _block(H: int, D: int) -> dict:
     return dict(BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=warps_for(2 * block_h * block_half))
 
 
+@on_tensor_device
 def rope_forward(x, cos, sin, weight=None, eps=1e-6):
     x = x if x.stride(-1) == 1 else x.contiguous()  # shapes were checked at the public entry point
     cos, sin = cos.contiguous(), sin.contiguous()
@@ -135,6 +136,7 @@ def rope_forward(x, cos, sin, weight=None, eps=1e-6):
     return y
 
 
+@on_tensor_device
 def rope_backward(dy, x, cos, sin, weight=None, eps=1e-6):
     """Returns (dx, dweight or None)."""
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows
+from ._common import as_rows, on_tensor_device
 
 
 @triton.jit
@@ -46,6 +46,7 @@ def _check(gate, up):
         raise ValueError(f"swiglu: gate dtype {gate.dtype} != up dtype {up.dtype}")
 
 
+@on_tensor_device
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g2, u2 = as_rows(gate), as_rows(up)
     M, N = g2.shape
@@ -57,6 +58,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return y
 
 
+@on_tensor_device
 def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dy2, g2, u2 = as_rows(dy), as_rows(gate), as_rows(up)
     M, N = g2.shape
