@@ -14,7 +14,8 @@ Each row has ptxas's registers and spill bytes, shared memory, resident CTAs per
 instructions the ``tl.dot``s became, and the global load/store vector widths read from the PTX.
 ``check(rows)`` names what fails the gate: a compile error, a spill, shared memory over the
 architecture's per-block limit, or a kernel that cannot be resident at all.
-``python tests/aot_gate.py --markdown`` prints the README's tables (both architectures).
+``python tests/aot_gate.py --markdown`` prints the tables of both architectures;
+``--write-readme`` puts them into the README's kernels section.
 
 tests/ops/test_aot_compile.py runs this in subprocesses, because kernels defined under
 TRITON_INTERPRET=1 (as in the CPU test session) cannot be compiled."""
@@ -314,27 +315,63 @@ def check(rows: list[dict]) -> list[str]:
 
 
 COLUMNS = ("kernel", "dtype", "config", "warps", "stages", "regs", "smem KB", "CTAs/SM", "MMA", "ld.global",
-           "st.global", "cp.async", "launches")
+           "st.global", "cp.async", "variants", "launches")
+
+
+def _access_widths(values) -> str:
+    """'16Bx8 4Bx1' strings of several variants -> the distinct access widths, widest first."""
+    widths = {int(w) for v in values for w in re.findall(r"(\d+)Bx", v)}
+    return " ".join(f"{w}B" for w in sorted(widths, reverse=True)) or "-"
+
+
+def _span(values) -> str:
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 def markdown(rows: list[dict]) -> str:
+    """One row per (kernel, dtype, config, warps, stages); its variants are the distinct
+    specialisations (alignment, divisibility, arguments equal to 1) the launches compiled to."""
     arch = rows[0]["arch"]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["dtype"], r["config"], r["num_warps"], r["num_stages"]), []).append(r)
     lines = [f"**sm_{arch}** ({ARCH[arch]['gpu']}, {ARCH[arch]['sms']} SMs), Triton {triton.__version__}: "
              f"{len(rows)} kernels for {sum(r['launches'] for r in rows)} launches",
              "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in sorted(rows, key=lambda r: (r["kernel"], r["dtype"], r["config"], r["num_warps"], r["ints_equal_1"])):
-        config = r["config"] + (f" ({r['ints_equal_1']} args = 1)" if r["ints_equal_1"] else "")
+    for (kernel, dtype, config, warps, stages), variants in sorted(groups.items()):
+        mma = sorted({r["mma"] for r in variants})
+        cp_async = _access_widths(r["cp_async"] for r in variants)
+        tma = " TMA" if any(r["tma"] for r in variants) else ""
         lines.append("| " + " | ".join(str(v) for v in (
-            r["kernel"], r["dtype"], config, r["num_warps"], r["num_stages"], r["registers"],
-            f"{r['shared_bytes'] / 1024:.1f}", r["ctas_per_sm"], r["mma"], r["loads"], r["stores"],
-            r["cp_async"] + (" TMA" if r["tma"] else ""), r["launches"])) + " |")
+            kernel, dtype, config, warps, stages, _span([r["registers"] for r in variants]),
+            f"{max(r['shared_bytes'] for r in variants) / 1024:.1f}", _span([r["ctas_per_sm"] for r in variants]),
+            " / ".join(mma), _access_widths(r["loads"] for r in variants),
+            _access_widths(r["stores"] for r in variants), (cp_async if cp_async != "-" or not tma else "") + tma,
+            len(variants), sum(r["launches"] for r in variants))) + " |")
     return "\n".join(lines)
 
 
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+BEGIN, END = "<!-- compile-table:begin -->", "<!-- compile-table:end -->"
+
+
+def readme_block(tables: list[str]) -> str:
+    return BEGIN + "\n" + "\n".join(f"<details><summary>sm_{arch} compile table</summary>\n\n{table}\n\n</details>\n"
+                                    for arch, table in zip((80, 90), tables)) + END
+
+
 def main(argv: list[str]) -> int:
-    if argv and argv[0] == "--markdown":
-        for arch in (80, 90):
-            print(markdown(run(arch)) + "\n")
+    if argv and argv[0] in ("--markdown", "--write-readme"):
+        tables = [markdown(run(arch)) for arch in (80, 90)]
+        if argv[0] == "--markdown":
+            print("\n\n".join(tables))
+            return 0
+        with open(README) as f:
+            text = f.read()
+        start, end = text.index(BEGIN), text.index(END) + len(END)
+        with open(README, "w") as f:
+            f.write(text[:start] + readme_block(tables) + text[end:])
         return 0
     rows = run(int(argv[0]), argv[1] if len(argv) > 1 else "", progress=True)
     for row in rows:

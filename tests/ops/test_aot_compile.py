@@ -51,7 +51,7 @@ def test_every_launched_kernel_compiles_without_spills(gate_runs, arch):
 @pytest.mark.parametrize("arch", ARCHES)
 def test_readme_table_is_the_gates_output(gate_runs, arch):
     """The README shows what the gate prints for the pinned Triton; regenerate it with
-    ``python tests/aot_gate.py --markdown`` after changing a kernel or a config."""
+    ``python tests/aot_gate.py --write-readme`` after changing a kernel or a config."""
     sys.path.insert(0, TESTS)
     import aot_gate
 
@@ -62,4 +62,4 @@ def test_readme_table_is_the_gates_output(gate_runs, arch):
     assert match, "README has no compile table for sm_%d" % arch
     if match.group(1) != triton.__version__:
         pytest.skip(f"README's table is for Triton {match.group(1)}; this is Triton {triton.__version__}")
-    assert aot_gate.markdown(rows) in readme, "README's compile table is stale: run python tests/aot_gate.py --markdown"
+    assert aot_gate.markdown(rows) in readme, "README's compile table is stale: run python tests/aot_gate.py --write-readme"

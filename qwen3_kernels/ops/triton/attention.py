@@ -439,11 +439,26 @@ def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch) -> 
     return _tuned_fwd[key]
 
 
-def bwd_config(arch: int, head_dim: int, dtype: torch.dtype) -> dict:
+def bwd_configs(arch: int, head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(dK/dV config, dQ config). The dK/dV kernel holds BLOCK_N keys and walks BLOCK_M queries; the
+    dQ kernel holds BLOCK_M queries and walks BLOCK_N keys. Each is the largest tile that compiles
+    without spills on Triton 3.6 and 3.9 (tests/aot_gate.py); on sm_90 the held tile has 64 rows,
+    so its products run on wgmma."""
+    def cfg(m, n, warps, stages):
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+
     if arch == 0 or dtype == torch.float32:
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=64 if head_dim <= 64 and arch >= 90 else 32, BLOCK_N=64,
-                num_warps=4 if head_dim <= 64 else 8, num_stages=2 if arch >= 90 else 1)
+        # a 16 x 16 dK/dV tile of D = 16 on 4 warps spills on sm_80 (ptxas keeps a local array)
+        small = cfg(16, 16, 2 if head_dim <= 16 else 4, 1)
+        return small, small
+    if arch >= 90:
+        if head_dim > 64:
+            return cfg(32, 64, 8, 1), cfg(64, 32, 8, 2)
+        if head_dim > 32:
+            return cfg(32, 64, 8, 2), cfg(64, 32, 4, 2)
+        return cfg(64, 64, 4, 2), cfg(64, 64, 4, 2)
+    both = cfg(32, 64, 4 if head_dim <= 64 else 8, 1)
+    return both, both
 
 
 def decode_config(arch: int, head_dim: int, dtype: torch.dtype, packed_rows: int) -> dict:
@@ -529,17 +544,16 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float
     delta = torch.empty_like(lse)
     _attn_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
         out, do, delta, Tq, H, *out.stride()[:3], *do.stride()[:3], HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
-    cfg = bwd_config(device_arch(q.device), D, q.dtype)
-    common = dict(CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype),
-                  **cfg)
+    dkdv_cfg, dq_cfg = bwd_configs(device_arch(q.device), D, q.dtype)
+    common = dict(CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype))
     lens = kv_lens if kv_lens is not None else q
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, dkdv_cfg["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, lens, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H, H // Hkv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)](
+        **common, **dkdv_cfg)
+    _attn_bwd_dq_kernel[(triton.cdiv(Tq, dq_cfg["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, lens, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H, H // Hkv,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], **common)
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], **common, **dq_cfg)
     return dq, dk, dv
 
 
