@@ -22,6 +22,7 @@ from . import reference
 BACKEND_ENV = "QWEN3_KERNELS_BACKEND"
 BACKENDS = ("auto", "reference", "triton")
 OPS = ("rms_norm", "add_rms_norm", "apply_rope", "qk_norm_rope", "swiglu", "attention")
+_TL_DOT_OPS = ("attention",)  # ops whose kernels multiply matrices with tl.dot
 
 
 class Choice(NamedTuple):
@@ -95,6 +96,11 @@ def _decide(op: str, device: torch.device, dtype: torch.dtype, requested: str) -
         why_not = f"{dtype} is not a kernel dtype"
     elif not supported:
         why_not = why
+    elif op in _TL_DOT_OPS and dtype == torch.bfloat16 and device.type == "cpu":
+        # not an error to raise under a forced backend: the op is exact through the reference, and
+        # the interpreter's bf16 tl.dot returns garbage (Triton stores bf16 as uint16 there)
+        return Choice("reference", "Triton's interpreter cannot run tl.dot on bfloat16 (it returns wrong "
+                      "numbers); the reference runs instead", reference_fn)
     else:
         return Choice("triton", why if requested == "auto" else f"forced by {BACKEND_ENV}=triton; {why}", kernels[op])
     if requested == "triton":

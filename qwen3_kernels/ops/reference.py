@@ -66,10 +66,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     if kv_lens is None and (not causal or Tq == Tk or Tq == 1):  # one query sees every key
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and Tq == Tk and Tq > 1, scale=scale,
-                                             enable_gqa=H != Hkv)
+        # a Python branch, not `causal and Tq == Tk and Tq > 1`: under torch.compile with dynamic
+        # shapes that expression is a SymBool, which SDPA's is_causal rejects
+        is_causal = True if causal and Tq == Tk and Tq > 1 else False
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=H != Hkv)
         return out.transpose(1, 2)  # (B, Tq, H, D)
-    if kv_lens is not None and q.device.type == "cpu":
+    if kv_lens is not None and q.device.type == "cpu" and not torch.compiler.is_compiling():
         # Skip cache slots no sequence has filled yet, and the length mask when every sequence has
         # the same length: reading lengths costs nothing on the CPU (on a GPU it would be a sync, and
         # the static shapes there are what CUDA graphs need).

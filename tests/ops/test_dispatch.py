@@ -95,3 +95,33 @@ def test_opcheck(name):
                              torch.tensor([40, 17], dtype=torch.int32, **dev), True, 0.25),
     }[name]
     torch.library.opcheck(getattr(torch.ops.qwen3_kernels, name).default, args)
+
+
+@needs_triton
+def test_interpreter_never_runs_bf16_tl_dot(monkeypatch, fresh_choices):
+    """Triton's interpreter returns garbage for bf16 tl.dot: bf16 attention on CPU tensors goes to the
+    reference even when Triton is forced, and the report says why; the elementwise kernels stay."""
+    monkeypatch.setenv("QWEN3_KERNELS_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    report = ops.report("cpu", torch.bfloat16)
+    assert report["attention"].backend == "reference" and "tl.dot on bfloat16" in report["attention"].reason
+    assert all(report[op].backend == "triton" for op in ops.OPS if op != "attention")
+    assert ops.choose("attention", "cpu", torch.float16).backend == "triton"
+
+
+@needs_triton
+def test_bf16_fused_model_under_the_interpreter_is_exact(monkeypatch, fresh_choices):
+    from qwen3_kernels import QWEN, Config
+    monkeypatch.setenv("QWEN3_KERNELS_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    config = Config(vocab_size=97, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
+                    intermediate_size=96, max_position_embeddings=64)
+    torch.manual_seed(0)
+    reference = QWEN(config).to(torch.bfloat16)
+    fused = QWEN(config, fused=True).to(torch.bfloat16)
+    fused.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        # elementwise kernels may differ from eager by one bf16 ulp under the interpreter (truncating
+        # rounding); attention would be off by whole units if it ran its bf16 tl.dot there
+        torch.testing.assert_close(fused(ids).float(), reference(ids).float(), rtol=0.05, atol=0.05)
