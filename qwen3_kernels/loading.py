@@ -25,6 +25,7 @@ _LAYER_NAMES = {
     "self_attn.k_proj.bias": "attn.k_proj.bias",
     "self_attn.v_proj.bias": "attn.v_proj.bias",
     "self_attn.o_proj.weight": "attn.o_proj.weight",
+    "self_attn.o_proj.bias": "attn.o_proj.bias",
     "self_attn.q_norm.weight": "attn.q_norm.weight",
     "self_attn.k_norm.weight": "attn.k_norm.weight",
     "mlp.gate_proj.weight": "ffn.gate_proj.weight",
@@ -35,6 +36,14 @@ _TOP_NAMES = {"model.embed_tokens.weight": "embeddings.weight", "model.norm.weig
               "lm_head.weight": "lm_head.weight"}
 
 
+# Buffers some checkpoints carry that the model recomputes (transformers ignores them too).
+_IGNORED = re.compile(r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit its config: the message names the tensors as the checkpoint does."""
+
+
 def hf_to_local(key: str) -> str | None:
     """Our parameter name for a Hugging Face tensor name, or None if the name is not Qwen3's."""
     if key in _TOP_NAMES:
@@ -43,6 +52,24 @@ def hf_to_local(key: str) -> str | None:
     if m and m.group(2) in _LAYER_NAMES:
         return f"blocks.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
     return None
+
+
+def local_to_hf(name: str) -> str:
+    """The Hugging Face tensor name of one of our parameter names."""
+    for hf, local in _TOP_NAMES.items():
+        if local == name:
+            return hf
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    hf_suffix = next(hf for hf, local in _LAYER_NAMES.items() if local == m.group(2))
+    return f"model.layers.{m.group(1)}.{hf_suffix}"
+
+
+def summarize(names, shown: int = 5) -> str:
+    """A list of names short enough for one error line: all of a few, else the count and the first few."""
+    names = sorted(names)
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{len(names)} tensors, e.g. {', '.join(names[:shown])}"
 
 
 def checkpoint_files(path: str) -> dict[str, str]:
@@ -58,7 +85,8 @@ def checkpoint_files(path: str) -> dict[str, str]:
         files = {name: os.path.join(path, file) for name, file in weight_map.items()}
         missing = sorted({f for f in files.values() if not os.path.exists(f)})
         if missing:
-            raise FileNotFoundError(f"{index} lists shard files that do not exist: {missing}")
+            raise FileNotFoundError(f"{index} lists shard files that do not exist: "
+                                    f"{', '.join(os.path.basename(f) for f in missing)}")
         return files
     if os.path.exists(single):
         names = _open(single).keys()
@@ -68,12 +96,49 @@ def checkpoint_files(path: str) -> dict[str, str]:
                             f"model.safetensors.index.json (found {found})")
 
 
+def _is_deserialization_error(e: Exception) -> bool:
+    """safetensors' own parse errors: the one case where a file is really corrupt or truncated."""
+    return type(e).__name__ == "SafetensorError"
+
+
 def _open(file: str, device: str = "cpu"):
     from safetensors import safe_open
     try:
         return safe_open(file, framework="pt", device=device)
-    except Exception as e:  # SafetensorError, OSError: the header is unreadable
-        raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+    except Exception as e:
+        if _is_deserialization_error(e):
+            raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+        raise
+
+
+def check_device(device: torch.device) -> None:
+    """A clear error for a device this torch cannot use, before any tensor is read."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device} is not available: this torch ({torch.__version__}) sees no CUDA "
+                               f"GPU; use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {device} is not available: this machine has {torch.cuda.device_count()} "
+                               f"CUDA device(s)")
+    elif device.type not in ("cpu", "meta"):
+        try:
+            torch.empty(0, device=device)
+        except Exception as e:
+            raise RuntimeError(f"device {device} is not available: {e}") from None
+
+
+def _read_tensor(handle, file: str, key: str, keys_in_file, index_used: bool):
+    if key not in keys_in_file:
+        where = "the index puts it in" if index_used else "expected it in"
+        raise CheckpointError(f"tensor {key!r}: {where} {os.path.basename(file)}, which does not contain it")
+    try:
+        return handle.get_tensor(key)
+    except torch.OutOfMemoryError as e:
+        raise MemoryError(f"out of memory loading {key!r} from {os.path.basename(file)}: {e}") from None
+    except Exception as e:
+        if _is_deserialization_error(e):
+            raise ValueError(f"{file}: cannot read tensor {key!r}, the file is corrupt or truncated ({e})") from None
+        raise
 
 
 def load_pretrained(cls, path, *, dtype=None, device=None, fused=False):
@@ -81,8 +146,9 @@ def load_pretrained(cls, path, *, dtype=None, device=None, fused=False):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     config = Config.from_pretrained(path)
-    files = checkpoint_files(path)
     device = torch.device(device if device is not None else "cpu")
+    check_device(device)
+    files = checkpoint_files(path)
     dtype = dtype or config.torch_dtype or torch.float32
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
@@ -95,7 +161,9 @@ def load_pretrained(cls, path, *, dtype=None, device=None, fused=False):
     unexpected = []
     for key in files:
         name = hf_to_local(key)
-        if name is None:
+        if _IGNORED.fullmatch(key):
+            continue
+        if name is None or name not in expected and name != "lm_head.weight":
             unexpected.append(key)
         elif not (config.tie_word_embeddings and name == "lm_head.weight"):  # tied: the embedding is the head
             local_names[key] = name
@@ -103,35 +171,43 @@ def load_pretrained(cls, path, *, dtype=None, device=None, fused=False):
     if unexpected or missing:
         problems = []
         if missing:
-            problems.append(f"missing tensors: {missing}")
+            problems.append(f"missing {summarize(local_to_hf(n) for n in missing)}")
         if unexpected:
-            problems.append(f"unexpected tensors: {sorted(unexpected)}")
-        raise KeyError(f"checkpoint {path!r} does not match the Qwen3 config: " + "; ".join(problems))
+            problems.append(f"unexpected {summarize(unexpected)}")
+        layers = {int(m.group(1)) for key in files if (m := _LAYER_KEY.fullmatch(key))}
+        if layers and max(layers) + 1 != config.num_layers:
+            problems.append(f"the checkpoint has {max(layers) + 1} layers, config.json's num_hidden_layers says "
+                            f"{config.num_layers}")
+        raise CheckpointError(f"checkpoint {path!r} does not match its config: " + "; ".join(problems))
 
     by_file: dict[str, list[str]] = {}
     for key in local_names:
         by_file.setdefault(files[key], []).append(key)
     state = {}
     show_progress = len(by_file) > 1
-    for i, (file, keys) in enumerate(sorted(by_file.items())):
+    try:
+        for i, (file, keys) in enumerate(sorted(by_file.items())):
+            if show_progress:
+                print(f"\rloading shard {i + 1}/{len(by_file)}: {os.path.basename(file)}", end="", file=sys.stderr,
+                      flush=True)
+            handle = _open(file, device=str(device) if device.type == "cuda" else "cpu")
+            keys_in_file = set(handle.keys())
+            for key in keys:
+                name = local_names[key]
+                tensor = _read_tensor(handle, file, key, keys_in_file, show_progress)
+                if tuple(tensor.shape) != tuple(expected[name]):
+                    raise CheckpointError(f"{key}: checkpoint shape {tuple(tensor.shape)} does not match the "
+                                          f"config's shape {tuple(expected[name])}")
+                try:
+                    state[name] = tensor.to(device=device, dtype=dtype)
+                except torch.OutOfMemoryError as e:
+                    size = tensor.numel() * torch.empty(0, dtype=dtype).element_size()
+                    raise MemoryError(f"out of memory on {device} loading {key!r} ({tuple(tensor.shape)}, "
+                                      f"{size / 2**20:.1f} MiB in {dtype}): {e}") from None
+                del tensor
+    finally:
         if show_progress:
-            print(f"\rloading shard {i + 1}/{len(by_file)}: {os.path.basename(file)}", end="", file=sys.stderr,
-                  flush=True)
-        handle = _open(file, device=str(device) if device.type == "cuda" else "cpu")
-        for key in keys:
-            name = local_names[key]
-            try:
-                tensor = handle.get_tensor(key)
-            except Exception as e:
-                raise ValueError(f"{file}: cannot read tensor {key!r}, the file is corrupt or truncated "
-                                 f"({e})") from None
-            if tuple(tensor.shape) != tuple(expected[name]):
-                raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} does not match the "
-                                 f"config's shape {tuple(expected[name])}")
-            state[name] = tensor.to(device=device, dtype=dtype)
-            del tensor
-    if show_progress:
-        print(file=sys.stderr)
+            print(file=sys.stderr)  # end the progress line, so what follows (an error too) starts clean
 
     # Names were checked above; a tied head is absent from `state` and re-tied below.
     model.load_state_dict(state, strict=False, assign=True)

@@ -108,7 +108,7 @@ class GQA(nn.Module):
         self.q_proj = nn.Linear(C, self.num_heads * D, bias=bias)
         self.k_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(C, self.num_kv_heads * D, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * D, C, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * D, C, bias=bias)  # transformers: o_proj too has a bias
         self.q_norm = RMSNORM(D, config.rms_norm_eps, kernels)
         self.k_norm = RMSNORM(D, config.rms_norm_eps, kernels)
         self.ops = kernels

@@ -8,6 +8,7 @@ from conftest import TINY, edit_json
 from safetensors.torch import load_file, save_file
 
 from qwen3_kernels import QWEN, Config
+from qwen3_kernels.loading import CheckpointError
 
 
 def test_missing_directory(tmp_path):
@@ -56,21 +57,21 @@ def _rewrite(path, fn):
 def test_missing_tensor_is_named(hf_checkpoint):
     path, _ = hf_checkpoint()
     _rewrite(path, lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
-    with pytest.raises(KeyError, match=r"missing tensors: \['blocks.1.attn.k_norm.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"does not match its config: missing model.layers.1.self_attn.k_norm.weight$"):
         QWEN.from_pretrained(path)
 
 
 def test_untied_checkpoint_without_lm_head(hf_checkpoint):
     path, _ = hf_checkpoint(tie=False)
     _rewrite(path, lambda t: t.pop("lm_head.weight"))
-    with pytest.raises(KeyError, match="missing tensors: .*lm_head.weight"):
+    with pytest.raises(CheckpointError, match="missing lm_head.weight"):
         QWEN.from_pretrained(path)
 
 
 def test_unexpected_tensor_is_named(hf_checkpoint):
     path, _ = hf_checkpoint()
     _rewrite(path, lambda t: t.update({"model.layers.0.mlp.extra_proj.weight": torch.randn(3, 3)}))
-    with pytest.raises(KeyError, match=r"unexpected tensors: \['model.layers.0.mlp.extra_proj.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"unexpected model.layers.0.mlp.extra_proj.weight$"):
         QWEN.from_pretrained(path)
 
 
@@ -85,7 +86,8 @@ def test_shape_mismatch_names_key_and_both_shapes(hf_checkpoint):
 def test_layer_count_mismatch(hf_checkpoint):
     path, _ = hf_checkpoint()
     edit_json(path / "config.json", lambda c: c.update(num_hidden_layers=3))
-    with pytest.raises(KeyError, match="missing tensors: .*blocks.2.attn"):
+    with pytest.raises(CheckpointError, match=r"missing 11 tensors, e.g. model.layers.2.input_layernorm.weight, .*; "
+                                              r"the checkpoint has 2 layers, config.json's num_hidden_layers says 3"):
         QWEN.from_pretrained(path)
 
 
@@ -123,3 +125,83 @@ def test_corrupt_index(hf_checkpoint):
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
     with pytest.raises(ValueError, match="model.safetensors.index.json: not a valid safetensors index"):
         QWEN.from_pretrained(path)
+
+
+def test_unavailable_device_is_not_called_corruption(hf_checkpoint):
+    path, _ = hf_checkpoint()
+    device = f"cuda:{torch.cuda.device_count() + 3}" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(RuntimeError, match=rf"device {device} is not available") as info:
+        QWEN.from_pretrained(path, device=device)
+    assert "corrupt" not in str(info.value)
+
+
+def test_out_of_memory_names_the_tensor_and_its_size(hf_checkpoint, monkeypatch):
+    path, _ = hf_checkpoint()
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if self.shape == (96, 64):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 KiB")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    with pytest.raises(MemoryError, match=r"out of memory on cpu loading 'model.layers.0.mlp.(gate|up)_proj.weight' "
+                                          r"\(\(96, 64\), 0.0 MiB in torch.float32\)") as info:
+        QWEN.from_pretrained(path)
+    assert "corrupt" not in str(info.value)
+
+
+def test_index_pointing_to_the_wrong_shard(hf_checkpoint):
+    path, _ = hf_checkpoint(tie=False, max_shard_size="20KB")
+    index = path / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    key = next(k for k, f in weight_map.items() if f == shards[0])
+    edit_json(index, lambda d: d["weight_map"].update({key: shards[1]}))
+    with pytest.raises(CheckpointError, match=rf"tensor '{key}': the index puts it in {shards[1]}, which does not "
+                                              r"contain it") as info:
+        QWEN.from_pretrained(path)
+    assert "corrupt" not in str(info.value)
+
+
+def test_more_layers_than_the_config_names_checkpoint_keys(hf_checkpoint):
+    path, _ = hf_checkpoint()
+    edit_json(path / "config.json", lambda c: c.update(num_hidden_layers=1))
+    with pytest.raises(CheckpointError, match=r"unexpected 11 tensors, e.g. model.layers.1.input_layernorm.weight.*"
+                                              r"the checkpoint has 2 layers, config.json's num_hidden_layers says 1"):
+        QWEN.from_pretrained(path)
+
+
+def test_headless_checkpoint_gets_a_short_message(hf_checkpoint):
+    path, _ = hf_checkpoint()
+    _rewrite(path, lambda t: t.update({k.removeprefix("model."): t.pop(k) for k in list(t)}))  # a bare Qwen3Model
+    with pytest.raises(CheckpointError) as info:
+        QWEN.from_pretrained(path)
+    message = str(info.value)
+    assert "missing 24 tensors, e.g. model.embed_tokens.weight" in message and "unexpected 24 tensors" in message, message
+    assert len(message) < 600 and not message.startswith('"')
+
+
+def test_progress_line_ends_before_an_error(hf_checkpoint, capsys):
+    path, _ = hf_checkpoint(tie=False, max_shard_size="20KB")
+    edit_json(path / "config.json", lambda c: c.update(intermediate_size=95))
+    with pytest.raises(CheckpointError, match="does not match the config's shape"):
+        QWEN.from_pretrained(path)
+    err = capsys.readouterr().err
+    assert "loading shard" in err and err.endswith("\n")
+
+
+def test_stray_rotary_inv_freq_is_ignored(hf_checkpoint):
+    path, hf = hf_checkpoint()
+    _rewrite(path, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.randn(8),
+                                       "model.rotary_emb.inv_freq": torch.randn(8)}))
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(QWEN.from_pretrained(path)(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_bias_checkpoint_with_o_proj_bias(hf_checkpoint):
+    path, hf = hf_checkpoint(attention_bias=True)
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(QWEN.from_pretrained(path)(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
