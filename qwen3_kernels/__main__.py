@@ -8,6 +8,8 @@ implementation each op uses here, and time one forward pass.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 
@@ -29,8 +31,15 @@ def _positive_int(text: str) -> int:
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
     return value
 
 
@@ -56,7 +65,7 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=_non_negative_float, help="0 is greedy (default: the checkpoint's)")
     p.add_argument("--top-k", type=_positive_int, help="default: the checkpoint's")
     p.add_argument("--top-p", type=_probability, help="default: the checkpoint's")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--think", action=argparse.BooleanOptionalAction, default=True,
                    help="let the model think before answering (chat prompts)")
 
@@ -81,18 +90,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+COMMANDS = ("generate", "chat")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command_at = next((i for i, a in enumerate(argv) if a in COMMANDS), None)
+    if command_at and any(a.startswith("-") for a in argv[:command_at]):
+        # the subcommand's own options would silently override these
+        parser.error(f"options go after the command: qwen3-kernels {argv[command_at]} "
+                     f"{' '.join(argv[:command_at])} ...")
+    args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
         if args.command == "chat":
             return _chat(args)
         return _demo(args)
-    except (FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError, MemoryError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `qwen3-kernels generate ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 130
 
@@ -107,42 +129,84 @@ def _dtype(args, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
+def _device(args) -> torch.device:
+    from .loading import check_device
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r} is not a device: {e}") from None
+    check_device(device)
+    return device
+
+
 def _load(args):
+    from .loading import check_vocabulary
     from .tokenizer import Tokenizer
 
-    device = torch.device(args.device)
+    if not os.path.isdir(args.model):  # before the tokenizer, so the message is about the model
+        raise FileNotFoundError(f"checkpoint directory {args.model!r} does not exist")
+    device = _device(args)
     tokenizer = Tokenizer.from_pretrained(args.model)
     model = QWEN.from_pretrained(args.model, dtype=_dtype(args, device), device=device, fused=_fused(args, device))
+    check_vocabulary(tokenizer, model.config, args.model)
     return model, tokenizer, device
 
 
-def _complete(model, tokenizer, device, prompt: str, args, out=None) -> tuple[str, dict]:
-    """Streams the completion of ``prompt`` to ``out`` (stdout); returns the text and timing."""
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def _new_token_budget(prompt_tokens: int, context: int, asked: int) -> int:
+    """``asked``, or what the context leaves after the prompt (with a notice); an error if nothing."""
+    room = context - prompt_tokens
+    if room < 1:
+        raise ValueError(f"the prompt's {prompt_tokens} tokens fill the model's {context}-token context")
+    if asked > room:
+        _note(f"max new tokens {asked} clamped to {room}: the prompt's {prompt_tokens} tokens and the model's "
+              f"{context}-token context leave room for {room}")
+    return min(asked, room)
+
+
+def _complete(model, tokenizer, device, prompt: str, args, out=None, interruptible: bool = False
+              ) -> tuple[str, dict]:
+    """Streams the completion of ``prompt`` to ``out`` (stdout); returns the text and timing. With
+    ``interruptible``, Ctrl-C ends the reply (the text so far is returned, ``stats['interrupted']``)."""
     out = out or sys.stdout
     defaults = tokenizer.generation
     temperature = defaults.temperature if args.temperature is None else args.temperature
-    ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+    token_ids = tokenizer.encode(prompt)
+    if not token_ids:
+        raise ValueError("the prompt is empty: give some text (or --chat, whose template adds tokens)")
+    ids = torch.tensor([token_ids], dtype=torch.long, device=device)
+    max_new = _new_token_budget(ids.shape[1], model.config.max_position_embeddings, args.max_new_tokens)
     generator = torch.Generator(device).manual_seed(args.seed)
     decoder = tokenizer.stream_decoder()
     start = time.perf_counter()
     first = None
     count = 0
-    for tokens in model.generate_stream(ids, args.max_new_tokens, temperature=temperature,
-                                        top_k=args.top_k if args.top_k is not None else defaults.top_k,
-                                        top_p=args.top_p if args.top_p is not None else defaults.top_p,
-                                        eos_token_id=defaults.eos_token_ids, generator=generator):
-        token = int(tokens[0])
-        if first is None:
-            first = time.perf_counter()
-        count += 1
-        if token in defaults.eos_token_ids:
-            break
-        out.write(decoder.push(token))
-        out.flush()
+    interrupted = False
+    try:
+        for tokens in model.generate_stream(ids, max_new, temperature=temperature,
+                                            top_k=args.top_k if args.top_k is not None else defaults.top_k,
+                                            top_p=args.top_p if args.top_p is not None else defaults.top_p,
+                                            eos_token_id=defaults.eos_token_ids, generator=generator):
+            token = int(tokens[0])
+            if first is None:
+                first = time.perf_counter()
+            count += 1
+            if token in defaults.eos_token_ids:
+                break
+            out.write(decoder.push(token))
+            out.flush()
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        interrupted = True
     end = time.perf_counter()
     text = tokenizer.decode(decoder.tokens, skip_special_tokens=True)
     stats = {"prompt_tokens": ids.shape[1], "prefill_s": (first or end) - start,
-             "new_tokens": count, "decode_s": end - (first or end)}
+             "new_tokens": count, "decode_s": end - (first or end), "interrupted": interrupted}
     return text, stats
 
 
@@ -165,28 +229,71 @@ def _generate(args) -> int:
     return 0
 
 
+def _read_line(stream) -> str | None:
+    """One line of the user's input, None at EOF. Bytes that are not UTF-8 are replaced (with a
+    notice) rather than ending the chat."""
+    raw = stream.buffer.readline() if hasattr(stream, "buffer") else stream.readline()
+    if not raw:
+        return None
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        _note("the input line is not valid UTF-8; undecodable bytes were replaced with U+FFFD")
+        return raw.decode("utf-8", errors="replace")
+
+
+def _fit_conversation(messages: list[dict], tokenizer, args, context: int) -> str | None:
+    """The chat prompt of ``messages``, dropping the oldest turns (never the system message or the
+    newest user message) until it leaves room for a reply; None if even the newest message alone
+    does not fit. ``messages`` is edited in place."""
+    reply_room = min(args.max_new_tokens, max(1, context // 4))
+    dropped = 0
+    while True:
+        prompt = tokenizer.apply_chat_template(messages, enable_thinking=args.think)
+        if len(tokenizer.encode(prompt)) + reply_room <= context:
+            break
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:
+            return None
+        del messages[first]  # the oldest message after the system one
+        dropped += 1
+    if dropped:
+        _note(f"dropped the {dropped} oldest message(s) to fit the model's {context}-token context")
+    return prompt
+
+
 def _chat(args) -> int:
     model, tokenizer, device = _load(args)
+    context = model.config.max_position_embeddings
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() in ("/exit", "/quit"):
+        line = _read_line(sys.stdin)  # Ctrl-C here (at the prompt) ends the chat
+        if line is None or line.strip() in ("/exit", "/quit"):
             return 0
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        prompt = tokenizer.apply_chat_template(messages, enable_thinking=args.think)
-        reply, stats = _complete(model, tokenizer, device, prompt, args)
+        prompt = _fit_conversation(messages, tokenizer, args, context)
+        if prompt is None:
+            messages.pop()
+            print(f"error: that message does not fit the model's {context}-token context with room for a reply; "
+                  f"send a shorter one", file=sys.stderr)
+            continue
+        reply, stats = _complete(model, tokenizer, device, prompt, args, interruptible=True)
         print()
+        if stats["interrupted"]:
+            _note("reply stopped (Ctrl-C); Ctrl-C at the prompt or end of input exits")
         _report(stats)
         messages.append({"role": "assistant", "content": reply})
 
 
 def _demo(args) -> int:
-    device = torch.device(args.device)
+    device = _device(args)
     dtype = _dtype(args, device)
     args.fused = _fused(args, device)
     t0 = time.perf_counter()

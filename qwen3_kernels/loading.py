@@ -127,6 +127,14 @@ def check_device(device: torch.device) -> None:
             raise RuntimeError(f"device {device} is not available: {e}") from None
 
 
+def check_vocabulary(tokenizer, config: Config, path: str) -> None:
+    """The tokenizer must not produce ids the model has no embedding for."""
+    size = len(tokenizer)
+    if size > config.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {size} tokens but the model's vocab_size is "
+                              f"{config.vocab_size}: they are not from the same checkpoint")
+
+
 def _read_tensor(handle, file: str, key: str, keys_in_file, index_used: bool):
     if key not in keys_in_file:
         where = "the index puts it in" if index_used else "expected it in"

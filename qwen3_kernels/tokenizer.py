@@ -25,8 +25,11 @@ class GenerationDefaults:
         eos = data.get("eos_token_id", list(fallback_eos))
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         sample = data.get("do_sample", False)
+        # transformers' "disabled" values: top_k 0 and top_p 1.0 filter nothing
+        top_k = data.get("top_k") or None
+        top_p = data.get("top_p") if data.get("top_p") not in (None, 1, 1.0) else None
         return cls(eos_token_ids=eos, temperature=float(data.get("temperature", 1.0)) if sample else 0.0,
-                   top_k=data.get("top_k") if sample else None, top_p=data.get("top_p") if sample else None)
+                   top_k=top_k if sample else None, top_p=top_p if sample else None)
 
 
 def _read_json(file: str) -> dict:

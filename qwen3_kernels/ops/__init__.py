@@ -54,6 +54,8 @@ def _device_supports_triton(device: torch.device, dtype: torch.dtype, requested:
         return False, "CPU: the Triton kernels need a GPU (tests force them through TRITON_INTERPRET=1)"
     if device.type != "cuda":
         return False, f"{device.type}: no Triton backend for this device"
+    if not torch.cuda.is_available():
+        return False, f"{device}: this torch ({torch.__version__}) sees no CUDA device"
     if torch.version.hip:
         return True, "ROCm GPU"
     major, minor = torch.cuda.get_device_capability(device)
@@ -75,7 +77,7 @@ def choose(op: str, device: torch.device | str, dtype: torch.dtype) -> Choice:
         raise KeyError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     requested = _requested_backend()
     key = (op, device, dtype, requested, os.environ.get("TRITON_INTERPRET"))
     choice = _choices.get(key)

@@ -22,6 +22,7 @@ def fresh_choices(monkeypatch):
 @needs_triton
 def test_choice_by_cuda_capability(monkeypatch, fresh_choices, capability, dtype, backend):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.version, "hip", None)
     for op, choice in ops.report("cuda:0", dtype).items():
         assert choice.backend == backend, (op, choice)
@@ -30,6 +31,7 @@ def test_choice_by_cuda_capability(monkeypatch, fresh_choices, capability, dtype
 
 @needs_triton
 def test_rocm_uses_triton(monkeypatch, fresh_choices):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.version, "hip", "6.2")
     assert ops.choose("rms_norm", "cuda:0", torch.bfloat16).backend == "triton"
 
@@ -125,3 +127,9 @@ def test_bf16_fused_model_under_the_interpreter_is_exact(monkeypatch, fresh_choi
         # elementwise kernels may differ from eager by one bf16 ulp under the interpreter (truncating
         # rounding); attention would be off by whole units if it ran its bf16 tl.dot there
         torch.testing.assert_close(fused(ids).float(), reference(ids).float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a torch that sees no CUDA device")
+def test_report_for_cuda_without_cuda_says_why(fresh_choices):
+    for op, choice in ops.report("cuda", torch.bfloat16).items():
+        assert choice.backend == "reference" and "sees no CUDA device" in choice.reason, (op, choice)
