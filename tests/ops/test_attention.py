@@ -177,7 +177,7 @@ def test_group_packed_forward(device, dtype, H, Hkv, Tq, Tk):
     attention (forward, LSE) as the one-head tiles."""
     attn = _attention()
     q, k, v = _inputs(2, Tq, Tk, H, Hkv, 64, dtype, device, grad=False)
-    base = attn.fwd_candidates(attn._arch(q.device), 64, dtype)[0]
+    base = attn.fwd_candidates(attn.device_arch(q.device), 64, dtype)[0]
     packed = {**base, "pack_group": True}
     assert attn.can_pack_group(packed, H // Hkv)
     out, lse = attn.attention_forward(q, k, v, True, 0.125, config=packed)
