@@ -4,6 +4,8 @@ prompts of different lengths, streaming, and a CUDA-graph decode step on GPUs.""
 from __future__ import annotations
 
 import logging
+import math
+import operator
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -80,14 +82,14 @@ def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temp
                     ) -> Iterator[torch.Tensor]:
     """Yields the next token of every sequence (B,) per step; a sequence that has produced an EOS
     yields the pad id (the first EOS id) from then on. Stops when all have finished or after
-    ``max_new_tokens`` steps. Prompts are left-padded rows of ``input_ids`` with ``attention_mask``."""
+    ``max_new_tokens`` steps. Prompts are left-padded rows of ``input_ids`` with ``attention_mask``.
+    Every argument is checked when this is called, before the first step is asked for."""
     config = model.config
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    max_new_tokens = _positive_integer(max_new_tokens, "max_new_tokens")
+    top_k = None if top_k is None else _positive_integer(top_k, "top_k")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     model._check_input(input_ids)
@@ -96,8 +98,39 @@ def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temp
     if longest + max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
                          f"model's max context (max_position_embeddings={config.max_position_embeddings})")
-    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    eos = _token_ids(eos_token_id)
     pad = eos[0] if eos else 0
+    return _steps(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos, pad, lengths, longest,
+                  generator, cuda_graph)
+
+
+def _positive_integer(value, name: str) -> int:
+    """Python, NumPy and 0-d torch integers alike; bools and floats are refused."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})") from None
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {number}")
+    return number
+
+
+def _token_ids(eos_token_id) -> list[int]:
+    """An id, a sequence of ids, or a tensor of them (0-d or 1-d) -> a list of Python ints."""
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, torch.Tensor):
+        return [int(t) for t in eos_token_id.reshape(-1).tolist()]
+    if isinstance(eos_token_id, (list, tuple, set)):
+        return [operator.index(t) for t in eos_token_id]
+    return [operator.index(eos_token_id)]
+
+
+@torch.inference_mode()
+def _steps(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos, pad, lengths, longest, generator,
+           cuda_graph) -> Iterator[torch.Tensor]:
     B, T = input_ids.shape
     device = input_ids.device
 

@@ -157,9 +157,11 @@ def load_pretrained(cls, path, *, dtype=None, device=None, fused=False):
     device = torch.device(device if device is not None else "cpu")
     check_device(device)
     files = checkpoint_files(path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
     dtype = dtype or config.torch_dtype or torch.float32
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
 
     with torch.device("meta"):
         model = cls(config, fused=fused)

@@ -212,11 +212,19 @@ class QWEN(nn.Module):
             raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int64, torch.int32):  # uint8/int16 cannot hold a real vocabulary
+            raise TypeError(f"input_ids must be int64 or int32 token ids, got dtype {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
         T, limit = input_ids.shape[1], self.config.max_position_embeddings
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids is empty: batch size is 0")
         if T == 0:
             raise ValueError("input_ids is empty: seq_len is 0")
+        if cache is not None and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            raise RuntimeError("a KVCache is for inference: it is written in place, which autograd cannot "
+                               "differentiate through; run cached forwards under torch.no_grad() or "
+                               "torch.inference_mode()")
         if T > limit:
             raise ValueError(f"sequence length {T} exceeds the model's max context "
                              f"(max_position_embeddings={limit})")
@@ -269,6 +277,7 @@ class QWEN(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, fused: bool = False) -> "QWEN":
-        """Loads a Hugging Face Qwen3 checkpoint directory (config.json + safetensors)."""
+        """Loads a Hugging Face Qwen3 checkpoint directory (config.json + safetensors). ``dtype`` is a
+        torch dtype or its name ("bfloat16")."""
         from .loading import load_pretrained
         return load_pretrained(cls, path, dtype=dtype, device=device, fused=fused)

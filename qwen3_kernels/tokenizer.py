@@ -94,7 +94,11 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in (ids.reshape(-1).tolist() if hasattr(ids, "reshape") else ids)]
+        bad = [i for i in ids if not 0 <= i < len(self)]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is not in the vocabulary (0 .. {len(self) - 1})")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

@@ -32,13 +32,10 @@ import sys
 import time
 from collections import Counter
 
-os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # an on-disk cache hit would skip ptxas and its report
-os.environ.pop("TRITON_INTERPRET", None)
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
 
 # Per-SM limits (CUDA occupancy calculator): register file, threads, CTAs, and shared memory per SM
 # and per block (opt-in maximum); the runtime reserves 1 KB of shared memory per CTA.
@@ -383,4 +380,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    # Set here, not at import: tests import this module for its table code, and the interpreter
+    # setting of their process must stay as it is.
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # an on-disk cache hit would skip ptxas and its report
+    if os.environ.pop("TRITON_INTERPRET", None) == "1":
+        sys.exit("run without TRITON_INTERPRET=1: interpreted kernels cannot be compiled")
     sys.exit(main(sys.argv[1:]))

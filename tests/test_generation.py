@@ -106,7 +106,7 @@ def test_top_k_and_top_p_keep_exactly_the_right_tokens():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
-    (dict(max_new_tokens=5, temperature=-1.0), "temperature must be >= 0"),
+    (dict(max_new_tokens=5, temperature=-1.0), "temperature must be a finite number >= 0"),
     (dict(max_new_tokens=5, top_k=0), "top_k must be a positive integer"),
     (dict(max_new_tokens=5, top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(max_new_tokens=60), r"prompt of 7 tokens plus max_new_tokens=60 exceeds .*max_position_embeddings=64"),

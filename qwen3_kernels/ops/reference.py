@@ -10,10 +10,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import _checks
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim; normalised in fp32, cast back to
     ``x.dtype`` before the weight multiply (Qwen3RMSNorm's order)."""
+    _checks.rms_norm(x, weight)
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return (weight * h.to(x.dtype)).to(x.dtype)
@@ -22,7 +25,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual), x + residual)``: the sum is rounded to ``x.dtype`` first, as the
-    unfused model's residual stream is."""
+    unfused model's residual stream is. ``residual`` may broadcast to ``x``'s shape."""
+    _checks.add_rms_norm(x, residual, weight)
     summed = x + residual
     return rms_norm(summed, weight, eps), summed
 
@@ -36,7 +40,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding in the half-split layout: ``x * cos + rotate_half(x) * sin``.
 
-    x: (B, T, H, D); cos, sin: (T, D) or (B, T, D)."""
+    x: (B, T, H, D); cos, sin: (T, D), (1, T, D) or (B, T, D)."""
+    _checks.rope(x, cos, sin)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     return x * cos + rotate_half(x) * sin
 
@@ -44,11 +49,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of q and k (over head_dim), then rotary: Qwen3's attention prologue."""
+    _checks.qk_norm_rope(q, k, q_weight, k_weight, cos, sin)
     return apply_rope(rms_norm(q, q_weight, eps), cos, sin), apply_rope(rms_norm(k, k_weight, eps), cos, sin)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``."""
+    _checks.swiglu(gate, up)
     return F.silu(gate) * up
 
 
@@ -61,6 +68,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     int gives each sequence's number of valid keys in a preallocated cache: keys at or past
     ``kv_lens[b]`` are ignored and the causal alignment uses ``kv_lens[b]`` in place of Tk. A query
     that sees no key at all gets a zero output, never NaN. Returns (B, Tq, H, D)."""
+    _checks.attention(q, k, v, kv_lens)
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale

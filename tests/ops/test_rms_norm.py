@@ -97,5 +97,5 @@ def test_bad_shapes_are_named():
     kernels = _kernels()
     with pytest.raises(ValueError, match=r"weight shape \(5,\) does not match x's last dim 4"):
         kernels.rms_norm(torch.randn(3, 4), torch.ones(5))
-    with pytest.raises(ValueError, match=r"residual shape \(3, 5\) != x shape \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"residual shape \(3, 5\) does not broadcast to x.s shape \(3, 4\)"):
         kernels.add_rms_norm(torch.randn(3, 4), torch.randn(3, 5), torch.ones(4))

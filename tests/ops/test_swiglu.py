@@ -52,5 +52,5 @@ def test_mismatched_inputs_are_named():
     swiglu = _swiglu()
     with pytest.raises(ValueError, match=r"gate shape \(2, 3\) != up shape \(2, 4\)"):
         swiglu.swiglu(torch.randn(2, 3), torch.randn(2, 4))
-    with pytest.raises(ValueError, match="gate dtype torch.float32 != up dtype torch.float16"):
+    with pytest.raises(TypeError, match="gate dtype torch.float32 != up dtype torch.float16"):
         swiglu.swiglu(torch.randn(2, 3), torch.randn(2, 3).half())

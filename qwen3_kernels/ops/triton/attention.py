@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from ._common import device_arch, num_sms, on_tensor_device
 
 LOG2E = 1.4426950408889634
@@ -480,25 +481,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check(q, k, v, kv_lens):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention expects q (B, Tq, H, D) and k, v (B, Tk, Hkv, D), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, Tq, H, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, Tk, Hkv, D={D})")
-    if H % k.shape[2]:
-        raise ValueError(f"attention: query heads ({H}) must be a multiple of KV heads ({k.shape[2]})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if kv_lens is not None:
-        if kv_lens.shape != (B,) or kv_lens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"attention: kv_lens must be an int32/int64 tensor of shape ({B},), got "
-                             f"{kv_lens.dtype} {tuple(kv_lens.shape)}")
-        if kv_lens.device != q.device:
-            raise ValueError(f"attention: kv_lens is on {kv_lens.device}, q on {q.device}")
-
-
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -659,7 +641,7 @@ _warned_head_dims: set = set()
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               softmax_scale: float | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
-    _check(q, k, v, kv_lens)
+    _checks.attention(q, k, v, kv_lens)
     D = q.shape[-1]
     if D not in HEAD_DIMS:
         from .. import reference

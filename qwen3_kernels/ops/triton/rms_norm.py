@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from ._common import as_rows, num_sms, on_tensor_device, row_block
 
 
@@ -66,18 +67,14 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW_PARTIAL, stride_dy, stride_x
 
 @on_tensor_device
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """Returns (y, summed or None, rstd), y and summed shaped like x."""
-    if weight.shape != (x.shape[-1],):
-        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"add_rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
+    """Returns (y, summed or None, rstd), y and summed shaped like x; ``residual`` may broadcast to x."""
     x2 = as_rows(x)
     n_rows, N = x2.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y2 = y.view(-1, N)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if residual is not None:
-        r2 = as_rows(residual)
+        r2 = as_rows(residual.expand_as(x))  # a broadcast residual is materialised once
         summed = torch.empty_like(y)
         s2 = summed.view(-1, N)
     else:
@@ -181,10 +178,14 @@ _add_rms_norm_op.register_autograd(_backward_add_rms_norm, setup_context=_setup_
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    _checks.rms_norm(x, weight)
     return _rms_norm_op(x, weight, float(eps))[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    _checks.add_rms_norm(x, residual, weight)
+    if residual.shape != x.shape:  # broadcast: the gradient of the smaller residual is a sum, autograd's job
+        residual = residual.expand_as(x)
     y, summed, _ = _add_rms_norm_op(x, residual, weight, float(eps))
     return y, summed

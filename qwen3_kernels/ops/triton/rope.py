@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from ._common import num_sms, on_tensor_device, warps_for
 
 
@@ -99,17 +100,6 @@ def _rope_bwd_kernel(DY, X, W, COS, SIN, DX, DW_PARTIAL, n_tokens, tokens_per_pr
         row = DW_PARTIAL + pid.to(tl.int64) * 2 * HALF
         tl.store(row + cols, dw1, mask=col_ok)
         tl.store(row + HALF + cols, dw2, mask=col_ok)
-
-
-def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have shape (B, T, H, D), got {tuple(x.shape)}")
-    B, T, H, D = x.shape
-    if D % 2:
-        raise ValueError(f"{name}: head_dim must be even for rotary embeddings, got {D}")
-    if cos.shape != sin.shape or cos.shape not in ((T, D), (B, T, D)):
-        raise ValueError(f"cos/sin must have shape (T, D) = {(T, D)} or (B, T, D) = {(B, T, D)}, "
-                         f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
 
 
 def _table_strides(cos: torch.Tensor) -> tuple[int, int]:
@@ -245,20 +235,23 @@ def _backward_qk_norm_rope(ctx, dq_out, dk_out):
 _qk_norm_rope_op.register_autograd(_backward_qk_norm_rope, setup_context=_setup_qk_norm_rope)
 
 
+def _per_batch_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(1, T, D) tables are the same for every sequence: the kernels read them as (T, D)."""
+    if cos.dim() == 3 and cos.shape[0] == 1 and x.shape[0] != 1:
+        return cos[0], sin[0]
+    return cos, sin
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    _check(x, cos, sin, "x")
+    _checks.rope(x, cos, sin)
+    cos, sin = _per_batch_tables(x, cos, sin)
     _no_table_grad(cos, sin)
     return _apply_rope_op(x, cos, sin)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(q, cos, sin, "q")
-    _check(k, cos, sin, "k")
-    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on (B, T) and head_dim")
-    for name, w, x in (("q_weight", q_weight, q), ("k_weight", k_weight, k)):
-        if w.shape != (x.shape[-1],):
-            raise ValueError(f"{name} shape {tuple(w.shape)} must be (head_dim,) = ({x.shape[-1]},)")
+    _checks.qk_norm_rope(q, k, q_weight, k_weight, cos, sin)
+    cos, sin = _per_batch_tables(q, cos, sin)
     _no_table_grad(cos, sin)
     return _qk_norm_rope_op(q, k, q_weight, k_weight, cos, sin, float(eps))

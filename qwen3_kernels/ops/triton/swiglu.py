@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from ._common import as_rows, on_tensor_device
 
 
@@ -37,13 +38,6 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, N, stride_dy, stride_g, stride_u, strid
 
 
 _BLOCK = 1024
-
-
-def _check(gate, up):
-    if gate.shape != up.shape:
-        raise ValueError(f"swiglu: gate shape {tuple(gate.shape)} != up shape {tuple(up.shape)}")
-    if gate.dtype != up.dtype:
-        raise ValueError(f"swiglu: gate dtype {gate.dtype} != up dtype {up.dtype}")
 
 
 @on_tensor_device
@@ -106,5 +100,5 @@ _swiglu_op.register_autograd(_backward_swiglu, setup_context=_setup_swiglu)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    _check(gate, up)
+    _checks.swiglu(gate, up)
     return _swiglu_op(gate, up)

@@ -1,0 +1,89 @@
+"""The input contract of every op, shared by the reference and the Triton kernels, so that code that
+runs on the CPU runs on a GPU: both backends accept the same inputs, and reject the same inputs with
+the same message (named op, shape, dtype or value)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, op: str = "rms_norm") -> None:
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x is 0-d; it needs a last dim to normalise over")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"{op}: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> None:
+    rms_norm(x, weight, "add_rms_norm")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"add_rms_norm: residual dtype {residual.dtype} differs from x dtype {x.dtype}")
+    try:
+        fits = torch.broadcast_shapes(x.shape, residual.shape) == x.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"add_rms_norm: residual shape {tuple(residual.shape)} does not broadcast to x's shape "
+                         f"{tuple(x.shape)}")
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str = "x") -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, T, H, D), got {tuple(x.shape)}")
+    B, T, H, D = x.shape
+    if D % 2:
+        raise ValueError(f"{name}: head_dim must be even for rotary embeddings, got {D}")
+    if cos.shape != sin.shape or cos.shape not in ((T, D), (1, T, D), (B, T, D)):
+        raise ValueError(f"cos/sin must have shape (T, D) = {(T, D)}, (1, T, D) or (B, T, D) = {(B, T, D)}, "
+                         f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.dtype != x.dtype or sin.dtype != x.dtype:
+        raise TypeError(f"cos/sin dtypes ({cos.dtype}, {sin.dtype}) differ from {name} dtype {x.dtype}")
+
+
+def qk_norm_rope(q, k, q_weight, k_weight, cos, sin) -> None:
+    rope(q, cos, sin, "q")
+    rope(k, cos, sin, "k")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on (B, T) and head_dim")
+    for name, w, x in (("q_weight", q_weight, q), ("k_weight", k_weight, k)):
+        if w.shape != (x.shape[-1],):
+            raise ValueError(f"{name} shape {tuple(w.shape)} must be (head_dim,) = ({x.shape[-1]},)")
+        if w.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {w.dtype} differs from the activations' dtype {x.dtype}")
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> None:
+    if gate.dim() == 0:
+        raise ValueError("swiglu: gate is 0-d; expected (..., N)")
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate shape {tuple(gate.shape)} != up shape {tuple(up.shape)}")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"swiglu: gate dtype {gate.dtype} != up dtype {up.dtype}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects q (B, Tq, H, D) and k, v (B, Tk, Hkv, D), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, Tq, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, Tk, Hkv, D={D})")
+    if k.shape[2] == 0 or H % k.shape[2]:
+        raise ValueError(f"attention: query heads ({H}) must be a multiple of KV heads ({k.shape[2]})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if kv_lens is None:
+        return
+    if kv_lens.shape != (B,) or kv_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"attention: kv_lens must be an int32/int64 tensor of shape ({B},), got "
+                         f"{kv_lens.dtype} {tuple(kv_lens.shape)}")
+    if kv_lens.device != q.device:
+        raise ValueError(f"attention: kv_lens is on {kv_lens.device}, q on {q.device}")
+    # Values are checked where reading them is free (CPU tensors, eager): on a GPU it would cost a
+    # host sync per call and break CUDA-graph capture; the model's KV cache keeps them in range.
+    if kv_lens.device.type == "cpu" and kv_lens.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(kv_lens.min()), int(kv_lens.max())
+        if lo < 0 or hi > k.shape[1]:
+            raise ValueError(f"attention: kv_lens must be in [0, Tk={k.shape[1]}], got values from {lo} to {hi}")
