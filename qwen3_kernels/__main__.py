@@ -302,8 +302,9 @@ def _demo(args) -> int:
         source = args.model
     else:
         torch.manual_seed(0)
-        with torch.device(device):
-            model = QWEN(Config.preset(args.preset), fused=args.fused).to(dtype).eval()
+        with torch.device("meta"):  # no memory, no init: allocated once below, in the final dtype
+            model = QWEN(Config.preset(args.preset), fused=args.fused)
+        model = model.to(dtype).to_empty(device=device).reset_parameters().eval()
         source = f"Qwen3-{args.preset}, random weights"
     build_s = time.perf_counter() - t0
     config = model.config

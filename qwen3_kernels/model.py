@@ -165,8 +165,22 @@ class QWEN(nn.Module):
         # .to(bfloat16) and friends must not round the rotary frequencies: they stay fp32, as
         # transformers computes them, whatever dtype the weights move to.
         super()._apply(fn, recurse)
+        # to_empty() on a meta model makes new Parameters, one per module: tie the head again
+        if self.config.tie_word_embeddings and self.lm_head.weight is not self.embeddings.weight:
+            self.lm_head.weight = self.embeddings.weight
         if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
             self.inv_freq = rope_frequencies(self.config)[0].to(self.inv_freq.device)
+        return self
+
+    def reset_parameters(self) -> "QWEN":
+        """Fresh random weights (normal(0, 0.02), zero biases, unit norm gains) and the rotary
+        frequencies: what a model built on the meta device needs after ``to_empty``, so a large
+        random model is allocated once, in its final dtype, on its final device."""
+        for module in self.modules():
+            if isinstance(module, RMSNORM):
+                nn.init.ones_(module.weight)
+        self.apply(self._init_weights)
+        self.inv_freq = rope_frequencies(self.config)[0].to(self.inv_freq.device)
         return self
 
     @staticmethod

@@ -74,3 +74,24 @@ def test_decode_rejects_ids_outside_the_vocabulary(tmp_path):
     with pytest.raises(ValueError, match="token id -1 is not in the vocabulary"):
         tok.decode([-1])
     assert tok.decode(torch.tensor([tok.encode("Hello")[0]])) == tok.decode(tok.encode("Hello")[:1])
+
+
+def test_model_built_on_meta_and_materialised_once():
+    """The demo's path for big random models: no allocation before the final dtype and device."""
+    with torch.device("meta"):
+        model = QWEN(CONFIG)
+    model = model.to(torch.bfloat16).to_empty(device="cpu").reset_parameters()
+    assert model.lm_head.weight is model.embeddings.weight and model.embeddings.weight.dtype == torch.bfloat16
+    assert torch.equal(model.norm.weight, torch.ones(32, dtype=torch.bfloat16))
+    torch.testing.assert_close(model.inv_freq, QWEN(CONFIG).inv_freq)
+    assert model.inv_freq.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids(1, 5)).float()).all()
+
+
+def test_numpy_is_a_declared_dependency():
+    """torch warns at import on a fresh install without NumPy; the package must bring it."""
+    import pathlib
+    import tomllib
+    pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert any(dep.split(";")[0].strip().startswith("numpy") for dep in pyproject["project"]["dependencies"])
