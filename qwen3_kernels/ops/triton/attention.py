@@ -385,9 +385,11 @@ def fwd_candidates(arch: int, head_dim: int, dtype: torch.dtype) -> list[dict]:
     if dtype == torch.float32:
         return [cfg(32 if head_dim <= 64 else 16, 16, 4, 2)]
     if arch >= 90:
+        # D = 128: a warpgroup's wgmma covers 64 rows, so 8 warps need >= 128 rows (64-row tiles on 8
+        # warps compute their first product twice) and 4-warp 128-row tiles spill.
         if head_dim > 64:
-            return [cfg(128, 64, 8, 3), cfg(128, 64, 8, 2), cfg(64, 64, 8, 3), cfg(64, 32, 8, 4),
-                    cfg(128, 64, 8, 3, True)]
+            return [cfg(128, 64, 8, 3), cfg(128, 64, 8, 2), cfg(128, 128, 8, 2), cfg(128, 128, 8, 3),
+                    cfg(64, 64, 4, 3), cfg(128, 64, 8, 3, True)]
         return [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 4), cfg(64, 32, 4, 3),
                 cfg(128, 64, 4, 3, True)]
     # sm_80: bound as a launch binds them (16-byte aligned, vectorised), 128 x 64 tiles at D = 128
@@ -416,17 +418,19 @@ def _length_bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 16384)
 
 
-def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch) -> dict:
-    """The fastest forward config for this (arch, length bucket, head_dim, dtype), measured once with
-    ``launch(cfg)``. The default config is used where measuring is impossible or unwanted: the
-    interpreter, CUDA-graph capture, or ``QWEN3_KERNELS_AUTOTUNE=0`` (how tests pin one config)."""
+def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch, has_kv_lens: bool = False) -> dict:
+    """The fastest forward config for this (arch, length buckets, head_dim, dtype, causal, GQA group,
+    per-sequence lengths or not), measured once with ``launch(cfg)``: the median of ~100 ms of
+    CUDA-event-timed runs per candidate, so candidates a few percent apart still rank right at 16k.
+    The default config is used where measuring is impossible or unwanted: the interpreter,
+    CUDA-graph capture, or ``QWEN3_KERNELS_AUTOTUNE=0`` (how tests pin one config)."""
     arch, D = device_arch(q.device), q.shape[-1]
     candidates = fwd_candidates(arch, D, q.dtype)
     if (len(candidates) == 1 or q.device.type != "cuda" or os.environ.get("QWEN3_KERNELS_AUTOTUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
         return candidates[0]
     key = (q.device.index, arch, D, q.dtype, _length_bucket(q.shape[1]), _length_bucket(k.shape[1]), causal,
-           q.shape[2] // k.shape[2])
+           q.shape[2] // k.shape[2], has_kv_lens)
     if key not in _tuned_fwd:
         import triton.testing
 
@@ -435,7 +439,8 @@ def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch) -> 
         group = q.shape[2] // k.shape[2]
         fitting = [c for c in candidates if _fits_shared_memory(c, D, q.element_size(), limit)
                    and (not c["pack_group"] or can_pack_group(c, group))] or candidates[:1]
-        times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=3, rep=10) for c in fitting]
+        times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=25, rep=100, return_mode="median")
+                 for c in fitting]
         _tuned_fwd[key] = fitting[min(range(len(times)), key=times.__getitem__)]
     return _tuned_fwd[key]
 
@@ -508,7 +513,7 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None,
             CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, PACK=pack,
             DOT_PRECISION=_dot_precision(q.dtype), **meta)
 
-    launch(config if config is not None else tuned_fwd_config(q, k, causal, launch))
+    launch(config if config is not None else tuned_fwd_config(q, k, causal, launch, kv_lens is not None))
     return out, lse
 
 
