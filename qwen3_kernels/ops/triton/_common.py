@@ -62,8 +62,8 @@ _simulated: tuple[int, int] | None = None
 @contextlib.contextmanager
 def simulated_gpu(arch: int, sms: int):
     """Inside, launchers pick block sizes, pipelining and split counts as on a CUDA sm_{arch} GPU
-    with ``sms`` multiprocessors for tensors not on a CUDA device (meta tensors in the compile gate,
-    fake CUDA tensors in tests)."""
+    with ``sms`` multiprocessors, whatever device their tensors report: meta tensors in the compile
+    gate, fake CUDA tensors in the device-guard test. Nothing is launched on a real GPU inside it."""
     global _simulated
     previous, _simulated = _simulated, (arch, sms)
     try:
