@@ -170,9 +170,9 @@ def load_pretrained(cls, path, *, dtype=None, device=None, fused=False):
     local_names = {}
     unexpected = []
     for key in files:
-        name = hf_to_local(key)
         if _IGNORED.fullmatch(key):
             continue
+        name = hf_to_local(key)
         if name is None or name not in expected and name != "lm_head.weight":
             unexpected.append(key)
         elif not (config.tie_word_embeddings and name == "lm_head.weight"):  # tied: the embedding is the head
@@ -211,7 +211,7 @@ def load_pretrained(cls, path, *, dtype=None, device=None, fused=False):
                 try:
                     state[name] = tensor.to(device=device, dtype=dtype)
                 except torch.OutOfMemoryError as e:
-                    size = tensor.numel() * torch.empty(0, dtype=dtype).element_size()
+                    size = tensor.numel() * dtype.itemsize
                     raise MemoryError(f"out of memory on {device} loading {key!r} ({tuple(tensor.shape)}, "
                                       f"{size / 2**20:.1f} MiB in {dtype}): {e}") from None
                 del tensor

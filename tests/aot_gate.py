@@ -74,6 +74,7 @@ class Recorder:
 
     def __init__(self):
         self.kernels: dict[int, dict] = {}  # id(compiled kernel) -> row
+        self.compiled: list = []  # the compiled kernels, kept alive so their ids stay unique
         self.workload = ""
 
     @contextlib.contextmanager
@@ -115,21 +116,16 @@ class Recorder:
             ints = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
             row = dict(kernel=jit_fn.fn.__name__.strip("_").removesuffix("_kernel"),
                        dtype=str(tensor.dtype).removeprefix("torch."),
-                       config=" ".join(f"{k}={_short(v)}" for k, v in meta.items()),
+                       config=" ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in meta.items()),
                        num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
                        ints_equal_1=sum(a == 1 for a in ints), ints_div_16=sum(a % 16 == 0 and a != 0 for a in ints),
                        shared_bytes=compiled.metadata.shared, **ptxas_report(ptxas_log),
                        **ptx_facts(compiled.asm["ptx"]), launches=0, workloads=[])
             self.kernels[id(compiled)] = row
-            self._compiled = getattr(self, "_compiled", [])
-            self._compiled.append(compiled)  # keep it alive: ids must stay unique
+            self.compiled.append(compiled)
         row["launches"] += 1
         if self.workload not in row["workloads"]:
             row["workloads"].append(self.workload)
-
-
-def _short(value) -> str:
-    return {True: "1", False: "0"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 
 def ptxas_report(log: str) -> dict:

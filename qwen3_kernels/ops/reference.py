@@ -17,6 +17,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim; normalised in fp32, cast back to
     ``x.dtype`` before the weight multiply (Qwen3RMSNorm's order)."""
     _checks.rms_norm(x, weight)
+    return _rms_norm(x, weight, eps)
+
+
+# The public functions check their inputs once (ops/_checks.py); these bodies, which they share,
+# do not check again.
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return (weight * h.to(x.dtype)).to(x.dtype)
@@ -28,7 +34,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     unfused model's residual stream is. ``residual`` may broadcast to ``x``'s shape."""
     _checks.add_rms_norm(x, residual, weight)
     summed = x + residual
-    return rms_norm(summed, weight, eps), summed
+    return _rms_norm(summed, weight, eps), summed
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -42,6 +48,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     x: (B, T, H, D); cos, sin: (T, D), (1, T, D) or (B, T, D)."""
     _checks.rope(x, cos, sin)
+    return _rope(x, cos, sin)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     return x * cos + rotate_half(x) * sin
 
@@ -50,7 +60,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
                  cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of q and k (over head_dim), then rotary: Qwen3's attention prologue."""
     _checks.qk_norm_rope(q, k, q_weight, k_weight, cos, sin)
-    return apply_rope(rms_norm(q, q_weight, eps), cos, sin), apply_rope(rms_norm(k, k_weight, eps), cos, sin)
+    return _rope(_rms_norm(q, q_weight, eps), cos, sin), _rope(_rms_norm(k, k_weight, eps), cos, sin)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -69,6 +79,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     ``kv_lens[b]`` are ignored and the causal alignment uses ``kv_lens[b]`` in place of Tk. A query
     that sees no key at all gets a zero output, never NaN. Returns (B, Tq, H, D)."""
     _checks.attention(q, k, v, kv_lens)
+    return _attention(q, k, v, causal, softmax_scale, kv_lens)
+
+
+def _attention(q, k, v, causal, softmax_scale, kv_lens):
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
@@ -87,7 +101,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         Tk = max(max(lens), 1)
         k, v = k[:, :, :Tk], v[:, :, :Tk]
         if min(lens) == Tk:
-            return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
+            return _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale, None)
     key_pos = torch.arange(Tk, device=q.device)
     lens = torch.full((B,), Tk, device=q.device) if kv_lens is None else kv_lens.to(q.device)
     visible = key_pos[None, None, :] < lens[:, None, None]                       # (B, 1, Tk)

@@ -15,22 +15,15 @@ def _squeeze_interpreter_scalars() -> None:
     can be converted to Python scalars"), so ``range()`` over a computed bound failed on Triton 3.6.
     Triton 3.7 squeezes the array first; give older interpreters the same conversion. Compiled
     kernels are untouched: this only patches the interpreter's tensor methods."""
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7):
         return
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "squeezes_scalars", False):
-        return
-    import inspect
-    if ".squeeze()" in inspect.getsource(original):  # Triton 3.7+: already right
-        return
+    from triton.runtime import interpreter
+    original = interpreter._patch_lang_tensor
 
     def patch_lang_tensor(tensor, scope):
         original(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
-    patch_lang_tensor.squeezes_scalars = True
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 
@@ -52,6 +45,12 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
 
 
 # (arch, SM count) that launchers assume for tensors that live on no real GPU: set only by
@@ -78,8 +77,7 @@ def device_arch(device: torch.device) -> int:
         return _simulated[0]
     if device.type != "cuda":
         return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def num_sms(device: torch.device) -> int:

@@ -67,14 +67,14 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW_PARTIAL, stride_dy, stride_x
 
 @on_tensor_device
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """Returns (y, summed or None, rstd), y and summed shaped like x; ``residual`` may broadcast to x."""
+    """Returns (y, summed or None, rstd), y and summed shaped like x (``residual`` too)."""
     x2 = as_rows(x)
     n_rows, N = x2.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y2 = y.view(-1, N)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if residual is not None:
-        r2 = as_rows(residual.expand_as(x))  # a broadcast residual is materialised once
+        r2 = as_rows(residual)
         summed = torch.empty_like(y)
         s2 = summed.view(-1, N)
     else:

@@ -103,7 +103,11 @@ def _rope_bwd_kernel(DY, X, W, COS, SIN, DX, DW_PARTIAL, n_tokens, tokens_per_pr
 
 
 def _table_strides(cos: torch.Tensor) -> tuple[int, int]:
-    return (0, cos.stride(0)) if cos.dim() == 2 else (cos.stride(0), cos.stride(1))
+    """(batch, position) strides of a (T, D), (1, T, D) or (B, T, D) table: one table for every
+    sequence is read with batch stride 0."""
+    if cos.dim() == 2:
+        return 0, cos.stride(0)
+    return (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
 
 
 def _block(H: int, D: int) -> dict:
@@ -235,16 +239,8 @@ def _backward_qk_norm_rope(ctx, dq_out, dk_out):
 _qk_norm_rope_op.register_autograd(_backward_qk_norm_rope, setup_context=_setup_qk_norm_rope)
 
 
-def _per_batch_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """(1, T, D) tables are the same for every sequence: the kernels read them as (T, D)."""
-    if cos.dim() == 3 and cos.shape[0] == 1 and x.shape[0] != 1:
-        return cos[0], sin[0]
-    return cos, sin
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     _checks.rope(x, cos, sin)
-    cos, sin = _per_batch_tables(x, cos, sin)
     _no_table_grad(cos, sin)
     return _apply_rope_op(x, cos, sin)
 
@@ -252,6 +248,5 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     _checks.qk_norm_rope(q, k, q_weight, k_weight, cos, sin)
-    cos, sin = _per_batch_tables(q, cos, sin)
     _no_table_grad(cos, sin)
     return _qk_norm_rope_op(q, k, q_weight, k_weight, cos, sin, float(eps))
