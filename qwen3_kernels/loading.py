@@ -221,7 +221,9 @@ def load_pretrained(cls, path, *, dtype=None, device=None, fused=False):
 
     # Names were checked above; a tied head is absent from `state` and re-tied below.
     model.load_state_dict(state, strict=False, assign=True)
+    state.clear()  # the model holds the only reference now: packing frees each tensor it replaces
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embeddings.weight
+    model.pack_projections()
     model.inv_freq = rope_frequencies(config)[0].to(device)  # the meta model's buffer holds no values
     return model.eval()

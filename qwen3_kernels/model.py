@@ -57,14 +57,6 @@ class KVCache:
         """A view of sequences [start, stop): writes through it land in this cache."""
         return KVCache(self.k[:, start:stop], self.v[:, start:stop], self.lens[start:stop])
 
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Writes k, v (B, T, Hkv, D) at ``positions`` (B, T); returns the layer's whole cache and the
-        number of valid positions per sequence once these tokens are in."""
-        batch = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[layer].index_put_((batch, positions), k)
-        self.v[layer].index_put_((batch, positions), v)
-        return self.k[layer], self.v[layer], self.lens + k.shape[1]
-
 
 class RMSNORM(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, kernels=ops.reference):
@@ -94,7 +86,9 @@ class FFN(nn.Module):
         self.ops = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        # gate and up in one GEMM (their weights share one buffer), read back as two strided halves
+        gate, up = self.ops.packed_linear(x, (self.gate_proj.weight, self.up_proj.weight)).chunk(2, dim=-1)
+        return self.down_proj(self.ops.swiglu(gate, up))
 
 
 class GQA(nn.Module):
@@ -113,22 +107,29 @@ class GQA(nn.Module):
         self.k_norm = RMSNORM(D, config.rms_norm_eps, kernels)
         self.ops = kernels
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)     # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        q, k = self.ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps)
-        kv_lens = None
-        if cache is not None:  # attend over everything cached so far, this chunk included
-            k, v, kv_lens = cache.update(self.layer, positions, k, v)    # (B, max_len, Hkv, D)
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        qkv = self.ops.packed_linear(x, [p.weight for p in projections], [p.bias for p in projections])
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)          # one GEMM, three strided views
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+        if cache is None:
+            q, k = self.ops.qk_norm_rope(q, k, qw, kw, cos, sin, eps)
+        else:  # the new keys (normed, rotated) and values go straight into the cache at `positions`
+            k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # (B, max_len, Hkv, D)
+            q = self.ops.qk_norm_rope_into_cache(q, k, v, qw, kw, cos, sin, k_cache, v_cache, positions, eps)
+            k, v = k_cache, v_cache  # attend over everything cached so far, these tokens included
         out = self.ops.attention(q, k, v, causal=True, kv_lens=kv_lens)  # (B, T, H, D)
-        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(B, T, H * D))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``. Each residual add
+    is fused into the norm that follows it, so a block hands the next one its FFN output and the
+    residual stream separately: ``(ffn_out, x)``, and the next block's first norm adds them."""
 
     def __init__(self, config: Config, layer: int = 0, kernels=ops.reference):
         super().__init__()
@@ -137,11 +138,16 @@ class Block(nn.Module):
         self.ffn_norm = RMSNORM(config.hidden_size, config.rms_norm_eps, kernels)
         self.ffn = FFN(config, kernels)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        attn_out = self.attn(self.attn_norm(x), cos, sin, cache, positions)
-        h, x = self.ffn_norm(attn_out, residual=x)  # x = x + attn_out and h = norm(x), fused
-        return x + self.ffn(h)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:  # the first block: x is the embedding, the stream starts here
+            h, residual = self.attn_norm(x), x
+        else:
+            h, residual = self.attn_norm(x, residual=residual)  # residual += x; h = norm(residual)
+        attn_out = self.attn(h, cos, sin, cache, positions, kv_lens)
+        h, residual = self.ffn_norm(attn_out, residual=residual)
+        return self.ffn(h), residual
 
 
 class QWEN(nn.Module):
@@ -160,6 +166,7 @@ class QWEN(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._warned_devices: set = set()
         self.apply(self._init_weights)
+        self.pack_projections()
 
     def _apply(self, fn, recurse=True):
         # .to(bfloat16) and friends must not round the rotary frequencies: they stay fp32, as
@@ -170,6 +177,16 @@ class QWEN(nn.Module):
             self.lm_head.weight = self.embeddings.weight
         if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
             self.inv_freq = rope_frequencies(self.config)[0].to(self.inv_freq.device)
+        self.pack_projections()  # a move gives every parameter its own storage
+        return self
+
+    def pack_projections(self) -> "QWEN":
+        """Puts each block's q/k/v and gate/up weights back to back in one buffer, so each group runs
+        as one GEMM (``ops.packed_linear``); parameters and their names are unchanged."""
+        for block in self.blocks:
+            attn, ffn = block.attn, block.ffn
+            ops.pack_parameters([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            ops.pack_parameters([ffn.gate_proj.weight, ffn.up_proj.weight])
         return self
 
     def reset_parameters(self) -> "QWEN":
@@ -205,13 +222,16 @@ class QWEN(nn.Module):
         steps = torch.arange(T, device=input_ids.device)
         positions = steps if cache is None else cache.lens[:, None] + steps  # (T,) or (B, T)
         sin, cos = calculate_sin_cos(positions, self.inv_freq, self.rope_scaling, x.dtype)  # (.., T, D)
+        kv_lens = None if cache is None else cache.lens + T              # (B,) once these tokens are in
+        residual = None
         for block in self.blocks:
-            x = block(x, cos, sin, cache, positions)
+            x, residual = block(x, residual, cos, sin, cache, positions, kv_lens)
         if cache is not None:
-            cache.lens += T
+            cache.lens.copy_(kv_lens)
         if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))                                # (B, T, vocab)
+            x, residual = x[:, -1:], residual[:, -1:]
+        x, _ = self.norm(x, residual=residual)                           # the last block's residual add, fused
+        return self.lm_head(x)                                           # (B, T, vocab)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` tokens."""

@@ -186,6 +186,13 @@ def model_shapes():
         yield f"test-D{d}", 4 * d, 4, 2, d, 6 * d
 
 
+def _qkv_views(B, T, H, Hkv, D, dtype):
+    """q, k, v as the model gets them: strided views of one packed (B, T, (H + 2 Hkv) D) projection."""
+    qkv = _meta(B, T, (H + 2 * Hkv) * D, dtype=dtype)
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    return q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+
+
 PREFILL_LENGTHS = (1, 4096, 16384)   # one token, and long prompts / training sequences
 DECODE_BATCHES = (1, 8, 64)
 CACHE_LENGTHS = (1024, 32768)
@@ -210,18 +217,18 @@ def workloads(arch: int):
                     y, summed, rstd = rms_norm.rms_norm_forward(x, w, 1e-6, residual=x)
                     rms_norm.rms_norm_backward(x, x, w, rstd)
                     rms_norm.rms_norm_backward(x, x, w, rstd, x)
-                    q = _meta(B, T, H * D, dtype=dtype).view(B, T, H, D)   # q_proj(x).view(...)
-                    k = _meta(B, T, Hkv * D, dtype=dtype).view(B, T, Hkv, D)
+                    q, k, _ = _qkv_views(B, T, H, Hkv, D, dtype)
                     cos = _meta(*cos_shape, dtype=dtype)
                     qw = _meta(D, dtype=dtype)
+                    rope.qk_norm_rope_forward(q, k, cos, cos, qw, qw, 1e-6)
                     for t in (q, k):
-                        rope.rope_forward(t, cos, cos, qw, 1e-6)
                         rope.rope_backward(t, t, cos, cos, qw, 1e-6)
                     rope.rope_forward(q, cos, cos)
                     rope.rope_backward(q, q, cos, cos)
-                    g = _meta(B, T, inter, dtype=dtype)
-                    swiglu.swiglu_forward(g, g)
-                    swiglu.swiglu_backward(g, g, g)
+                    g = _meta(B, T, 2 * inter, dtype=dtype)  # the packed gate/up GEMM's output
+                    gate, up = g[..., :inter], g[..., inter:]
+                    swiglu.swiglu_forward(gate, up)
+                    swiglu.swiglu_backward(_meta(B, T, inter, dtype=dtype), gate, up)
 
                 if not name.startswith("test-"):  # the test shapes exist for their attention head dims
                     yield f"{tag} elementwise", token_ops
@@ -247,17 +254,16 @@ def workloads(arch: int):
 
                     yield f"{tag} attention", decode
 
-                    def decode_tokens(B=B, C=C, H=H, Hkv=Hkv, D=D, inter=inter):
+                    def decode_tokens(B=B, C=C, H=H, Hkv=Hkv, D=D, inter=inter, max_len=max_len):
                         x, w = _meta(B, 1, C, dtype=dtype), _meta(C, dtype=dtype)
                         rms_norm.rms_norm_forward(x, w, 1e-6)
                         rms_norm.rms_norm_forward(x, w, 1e-6, residual=x)
-                        q = _meta(B, 1, H * D, dtype=dtype).view(B, 1, H, D)
-                        k = _meta(B, 1, Hkv * D, dtype=dtype).view(B, 1, Hkv, D)
+                        q, k, v = _qkv_views(B, 1, H, Hkv, D, dtype)
                         cos, qw = _meta(B, 1, D, dtype=dtype), _meta(D, dtype=dtype)  # per-sequence positions
-                        rope.rope_forward(q, cos, cos, qw, 1e-6)
-                        rope.rope_forward(k, cos, cos, qw, 1e-6)
-                        g = _meta(B, 1, inter, dtype=dtype)
-                        swiglu.swiglu_forward(g, g)
+                        cache, positions = _meta(2, B, max_len, Hkv, D, dtype=dtype), _meta(B, 1, dtype=torch.int64)
+                        rope.qk_norm_rope_forward(q, k, cos, cos, qw, qw, 1e-6, v, cache[1], cache[1], positions)
+                        gate_up = _meta(B, 1, 2 * inter, dtype=dtype)  # one GEMM's output, read as two halves
+                        swiglu.swiglu_forward(gate_up[..., :inter], gate_up[..., inter:])
 
                     if not name.startswith("test-"):
                         yield f"{tag} elementwise", decode_tokens

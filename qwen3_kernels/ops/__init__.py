@@ -18,10 +18,12 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import reference
+from .packing import pack_parameters  # noqa: F401  (the layout packed_linear is fastest on)
 
 BACKEND_ENV = "QWEN3_KERNELS_BACKEND"
 BACKENDS = ("auto", "reference", "triton")
-OPS = ("rms_norm", "add_rms_norm", "apply_rope", "qk_norm_rope", "swiglu", "attention")
+OPS = ("rms_norm", "add_rms_norm", "apply_rope", "qk_norm_rope", "qk_norm_rope_into_cache", "swiglu", "attention",
+       "packed_linear")
 _TL_DOT_OPS = ("attention",)  # ops whose kernels multiply matrices with tl.dot
 
 
@@ -131,6 +133,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     return choose("qk_norm_rope", q.device, q.dtype).fn(q, k, q_weight, k_weight, cos, sin, eps)
+
+
+def qk_norm_rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                            k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, positions: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return choose("qk_norm_rope_into_cache", q.device, q.dtype).fn(q, k, v, q_weight, k_weight, cos, sin, k_cache,
+                                                                  v_cache, positions, eps)
+
+
+def packed_linear(x: torch.Tensor, weights, biases=None) -> torch.Tensor:
+    return choose("packed_linear", x.device, x.dtype).fn(x, weights, biases)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

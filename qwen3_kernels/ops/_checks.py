@@ -54,6 +54,50 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin) -> None:
             raise TypeError(f"{name} dtype {w.dtype} differs from the activations' dtype {x.dtype}")
 
 
+def qk_norm_rope_into_cache(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, positions) -> None:
+    qk_norm_rope(q, k, q_weight, k_weight, cos, sin)
+    if v.shape != k.shape or v.dtype != k.dtype:
+        raise ValueError(f"v {v.dtype} {tuple(v.shape)} must match k {k.dtype} {tuple(k.shape)}")
+    B, T, Hkv, D = k.shape
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 4 or cache.shape[0] != B or cache.shape[2:] != (Hkv, D):
+            raise ValueError(f"{name} must have shape (B={B}, max_len, Hkv={Hkv}, D={D}), got {tuple(cache.shape)}")
+        if cache.dtype != k.dtype or cache.device != k.device:
+            raise TypeError(f"{name} is {cache.dtype} on {cache.device}, k is {k.dtype} on {k.device}")
+        if cache.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride along head_dim (it is written in place)")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if positions.shape != (B, T) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be an int32/int64 tensor of shape (B, T) = {(B, T)}, got "
+                         f"{positions.dtype} {tuple(positions.shape)}")
+    if positions.device != k.device:
+        raise ValueError(f"positions is on {positions.device}, k on {k.device}")
+    # as for kv_lens: values are read only where that is free (eager CPU tensors)
+    if positions.device.type == "cpu" and positions.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= k_cache.shape[1]:
+            raise ValueError(f"positions must be in [0, max_len={k_cache.shape[1]}), got values from {lo} to {hi}")
+
+
+def packed_linear(x, weights, biases) -> None:
+    if not weights:
+        raise ValueError("packed_linear: no weights")
+    C = x.shape[-1] if x.dim() else None
+    for i, w in enumerate(weights):
+        if w.dim() != 2 or w.shape[1] != C:
+            raise ValueError(f"packed_linear: weights[{i}] has shape {tuple(w.shape)}; expected (out, {C}) for x "
+                             f"{tuple(x.shape)}")
+        if w.dtype != x.dtype or w.device != x.device:
+            raise TypeError(f"packed_linear: weights[{i}] is {w.dtype} on {w.device}, x is {x.dtype} on {x.device}")
+    if biases is not None:
+        if len(biases) != len(weights):
+            raise ValueError(f"packed_linear: {len(biases)} biases for {len(weights)} weights")
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            if b is not None and b.shape != (w.shape[0],):
+                raise ValueError(f"packed_linear: biases[{i}] has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.dim() == 0:
         raise ValueError("swiglu: gate is 0-d; expected (..., N)")

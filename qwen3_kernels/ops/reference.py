@@ -6,6 +6,7 @@ cannot (CPU, MPS, unsupported dtypes)."""
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,29 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     """Per-head RMSNorm of q and k (over head_dim), then rotary: Qwen3's attention prologue."""
     _checks.qk_norm_rope(q, k, q_weight, k_weight, cos, sin)
     return _rope(_rms_norm(q, q_weight, eps), cos, sin), _rope(_rms_norm(k, k_weight, eps), cos, sin)
+
+
+def qk_norm_rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                            k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, positions: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``qk_norm_rope`` for tokens that extend a KV cache: writes the normalised, rotated keys and the
+    values v (B, T, Hkv, D) into ``k_cache``/``v_cache`` (B, max_len, Hkv, D) at rows ``positions``
+    (B, T), in place, and returns the query (B, T, H, D)."""
+    _checks.qk_norm_rope_into_cache(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, positions)
+    q, k = _rope(_rms_norm(q, q_weight, eps), cos, sin), _rope(_rms_norm(k, k_weight, eps), cos, sin)
+    batch = torch.arange(k.shape[0], device=k.device)[:, None]
+    k_cache.index_put_((batch, positions), k)
+    v_cache.index_put_((batch, positions), v)
+    return q
+
+
+def packed_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                  biases: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """``cat([x @ w.T + b for w, b in zip(weights, biases)], -1)``: several projections of the same
+    input (q, k and v; gate and up), computed one by one here as transformers does."""
+    _checks.packed_linear(x, weights, biases)
+    biases = biases or [None] * len(weights)
+    return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], dim=-1)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

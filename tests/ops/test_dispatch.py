@@ -73,8 +73,8 @@ def test_unknown_op_is_named():
 
 
 @needs_triton
-@pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "apply_rope", "qk_norm_rope", "swiglu",
-                                  "flash_attention", "decode_attention"])
+@pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "apply_rope", "qk_norm_rope", "qk_norm_rope_into_cache",
+                                  "swiglu", "flash_attention", "decode_attention", "packed_linear"])
 def test_opcheck(name):
     import qwen3_kernels.ops.triton  # noqa: F401  (registers the ops)
     B, T, H, Hkv, D = 2, 3, 4, 2, 16
@@ -89,7 +89,13 @@ def test_opcheck(name):
                          rand(B, T, Hkv, D, seed=1, **dev).requires_grad_(),
                          rand(D, seed=2, **dev).requires_grad_(), rand(D, seed=3, **dev).requires_grad_(),
                          cos, sin, 1e-6),
+        "qk_norm_rope_into_cache": (rand(B, T, H, D, **dev), rand(B, T, Hkv, D, seed=1, **dev),
+                                    rand(B, T, Hkv, D, seed=4, **dev), rand(D, seed=2, **dev), rand(D, seed=3, **dev),
+                                    cos, sin, rand(B, 11, Hkv, D, seed=7, **dev), rand(B, 11, Hkv, D, seed=8, **dev),
+                                    torch.tensor([[0, 1, 2], [5, 6, 7]], **dev), 1e-6),
         "swiglu": (rand(5, 40, **dev).requires_grad_(), rand(5, 40, seed=1, **dev).requires_grad_()),
+        "packed_linear": (rand(B, T, 24, **dev).requires_grad_(),
+                          [rand(n, 24, seed=s, **dev).requires_grad_() for s, n in enumerate((16, 8, 8))]),
         "flash_attention": (rand(B, 19, H, D, **dev).requires_grad_(),
                             rand(B, 23, Hkv, D, seed=1, **dev).requires_grad_(),
                             rand(B, 23, Hkv, D, seed=2, **dev).requires_grad_(), None, True, 0.25),

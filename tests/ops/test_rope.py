@@ -109,3 +109,55 @@ def test_bad_shapes_are_named():
         rope.qk_norm_rope(q, k, torch.ones(8), torch.ones(7), cos, sin)
     with pytest.raises(NotImplementedError, match="no gradient for cos/sin"):
         rope.apply_rope(q, cos.requires_grad_(), sin)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, T, H, Hkv, D", [(2, 1, 16, 8, 128), (3, 5, 5, 1, 64), (1, 3, 4, 4, 80)])
+def test_qk_norm_rope_into_cache_writes_keys_and_values_at_positions(device, dtype, B, T, H, Hkv, D):
+    """The decode-time launch: q returned, k (normed, rotated) and v written into the cache rows given
+    by each sequence's positions, every other cache row untouched."""
+    rope = _rope()
+    proj = rand(B, T, (H + 2 * Hkv) * D, dtype=dtype, device=device, scale=2.0)   # one packed projection
+    q, k, v = (t.view(B, T, -1, D) for t in proj.split([H * D, Hkv * D, Hkv * D], dim=-1))
+    qw = rand(D, dtype=dtype, device=device, seed=1, scale=0.3, offset=1.0)
+    kw = rand(D, dtype=dtype, device=device, seed=2, scale=0.3, offset=1.0)
+    max_len = 13
+    starts = torch.tensor([0, 7, 4])[:B]                                           # sequences of different lengths
+    positions = (starts[:, None] + torch.arange(T)).to(device)
+    cos, sin = _tables(B, T, D, dtype, device, per_batch=B > 1)
+    before = [rand(B, max_len, Hkv, D, dtype=dtype, device=device, seed=s) for s in (5, 6)]
+    k_cache, v_cache = (c.clone() for c in before)
+    q_out = rope.qk_norm_rope_into_cache(q, k, v, qw, kw, cos, sin, k_cache, v_cache, positions, 1e-6)
+
+    q_eager, k_eager = reference.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)
+    q64 = float64.rope(float64.rms_norm(q, qw), cos, sin)
+    k64 = float64.rope(float64.rms_norm(k, kw), cos, sin)
+    assert q_out.dtype == dtype and q_out.shape == (B, T, H, D)
+    assert_within_rule(q_out, q_eager, q64, 2, atol(dtype, q64), "q")
+    batch = torch.arange(B, device=device)[:, None]
+    assert_within_rule(k_cache[batch, positions], k_eager, k64, 2, atol(dtype, k64), "k in the cache")
+    assert torch.equal(v_cache[batch, positions], v), "v is copied into the cache bit for bit"
+    untouched = torch.ones(B, max_len, dtype=torch.bool, device=device)
+    untouched[batch, positions] = False
+    for name, cache, old in (("k_cache", k_cache, before[0]), ("v_cache", v_cache, before[1])):
+        assert torch.equal(cache[untouched], old[untouched]), f"{name} rows outside positions changed"
+
+
+def test_qk_norm_rope_into_cache_names_bad_inputs():
+    rope = _rope()
+    q, k, v = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    cos, sin, w = torch.randn(2, 8), torch.randn(2, 8), torch.ones(8)
+    cache = torch.zeros(1, 4, 1, 8)
+    ok = torch.tensor([[2, 3]])
+    for fn in (rope.qk_norm_rope_into_cache, reference.qk_norm_rope_into_cache):
+        with pytest.raises(ValueError, match=r"positions must be in \[0, max_len=4\), got values from 3 to 4"):
+            fn(q, k, v, w, w, cos, sin, cache.clone(), cache.clone(), ok + 1)
+        with pytest.raises(ValueError, match=r"positions must be an int32/int64 tensor of shape \(B, T\) = \(1, 2\)"):
+            fn(q, k, v, w, w, cos, sin, cache.clone(), cache.clone(), ok[0])
+        with pytest.raises(ValueError, match=r"k_cache must have shape \(B=1, max_len, Hkv=1, D=8\), got \(1, 4, 2, 8\)"):
+            fn(q, k, v, w, w, cos, sin, torch.zeros(1, 4, 2, 8), cache.clone(), ok)
+        with pytest.raises(ValueError, match=r"v torch.float32 \(1, 2, 2, 8\) must match k"):
+            fn(q, k, q, w, w, cos, sin, cache.clone(), cache.clone(), ok)
+    with pytest.raises(RuntimeError, match="writes a KV cache in place and has no backward"):
+        rope.qk_norm_rope_into_cache(q.requires_grad_(), k, v, w, w, cos, sin, cache.clone(), cache.clone(), ok)

@@ -1,6 +1,8 @@
 """Rotary embedding, alone (``apply_rope``) or fused with Qwen3's per-head RMSNorm of q and k
-(``qk_norm_rope``), forward and backward. One program handles every head of one token, so the
-token's cos/sin row is read once and each element of q/k is read and written once."""
+(``qk_norm_rope``), forward and backward, and the decode-time variant that writes the new keys and
+values straight into a KV cache (``qk_norm_rope_into_cache``). One program handles every head of q
+and k of one token in one launch, so the token's cos/sin row is read once and each element of q/k
+is read and written once."""
 
 from __future__ import annotations
 
@@ -13,12 +15,40 @@ from ._common import num_sms, on_tensor_device, warps_for
 
 
 @triton.jit
-def _rope_fwd_kernel(X, W, COS, SIN, Y, T, H, HALF, eps,
-                     sxb, sxt, sxh, syb, syt, syh, scb, sct,
+def _norm_rope_heads(X, W, Y, x_row, y_row, sxh, syh, H, HALF, eps, cos1, cos2, sin1, sin2, cols, col_ok,
                      HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Per head, split x into halves x1, x2 (D = 2 * HALF). With HAS_NORM, first
-    ``x <- w * (x * rstd).to(x.dtype)`` with ``rstd = 1/sqrt(mean(x^2) + eps)``. Then
+    """One token's H heads, x_row -> y_row: per head, split x into halves x1, x2 (D = 2 * HALF). With
+    HAS_NORM, first ``x <- w * (x * rstd).to(x.dtype)`` with ``rstd = 1/sqrt(mean(x^2) + eps)``. Then
     ``y1 = x1*cos1 - x2*sin1``, ``y2 = x2*cos2 + x1*sin2`` (= ``x*cos + rotate_half(x)*sin``)."""
+    if HAS_NORM:
+        w1 = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(W + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    for h0 in range(0, H, BLOCK_H):  # heads in chunks, so many-head models do not spill
+        heads = h0 + tl.arange(0, BLOCK_H)
+        mask = (heads < H)[:, None] & col_ok[None, :]
+        x_ptr = x_row + heads[:, None] * sxh + cols[None, :]
+        x1 = tl.load(x_ptr, mask=mask, other=0.0)
+        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
+        a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+        if HAS_NORM:
+            rstd = tl.math.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)[:, None]
+            a1 = (a1 * rstd).to(x1.dtype).to(tl.float32) * w1
+            a2 = (a2 * rstd).to(x2.dtype).to(tl.float32) * w2
+        y_ptr = y_row + heads[:, None] * syh + cols[None, :]
+        tl.store(y_ptr, (a1 * cos1 - a2 * sin1).to(Y.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + HALF, (a2 * cos2 + a1 * sin2).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_fwd_kernel(Q, K, V, WQ, WK, COS, SIN, QO, KO, VO, POS, T, HQ, HK, HALF, eps,
+                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
+                     sqob, sqot, sqoh, skob, skot, skoh, svob, svot, svoh, spb, spt, scb, sct,
+                     HAS_NORM: tl.constexpr, HAS_K: tl.constexpr, HAS_V: tl.constexpr, HAS_POS: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One token per program: its HQ query heads Q -> QO (norm with WQ, then rotary), with HAS_K its
+    HK key heads K -> KO (norm with WK), with HAS_V its value heads copied V -> VO. With HAS_POS the
+    keys and values land at row ``POS[b, t]`` of KO/VO (a KV cache) instead of row t, so a decode
+    step's q, k and cache writes are one launch; the token's cos/sin row is read once for all."""
     token = tl.program_id(0).to(tl.int64)
     b, t = token // T, token % T
     cols = tl.arange(0, BLOCK_HALF)
@@ -28,23 +58,23 @@ def _rope_fwd_kernel(X, W, COS, SIN, Y, T, H, HALF, eps,
     cos2 = tl.load(COS + c_ptr + HALF, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     sin1 = tl.load(SIN + c_ptr, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     sin2 = tl.load(SIN + c_ptr + HALF, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_NORM:
-        w1 = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        w2 = tl.load(W + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    for h0 in range(0, H, BLOCK_H):  # heads in chunks, so many-head models do not spill
-        heads = h0 + tl.arange(0, BLOCK_H)
-        mask = (heads < H)[:, None] & col_ok[None, :]
-        x_ptr = X + b * sxb + t * sxt + heads[:, None] * sxh + cols[None, :]
-        x1 = tl.load(x_ptr, mask=mask, other=0.0)
-        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0)
-        a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-        if HAS_NORM:
-            rstd = tl.math.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)[:, None]
-            a1 = (a1 * rstd).to(x1.dtype).to(tl.float32) * w1
-            a2 = (a2 * rstd).to(x2.dtype).to(tl.float32) * w2
-        y_ptr = Y + b * syb + t * syt + heads[:, None] * syh + cols[None, :]
-        tl.store(y_ptr, (a1 * cos1 - a2 * sin1).to(Y.dtype.element_ty), mask=mask)
-        tl.store(y_ptr + HALF, (a2 * cos2 + a1 * sin2).to(Y.dtype.element_ty), mask=mask)
+    _norm_rope_heads(Q, WQ, QO, Q + b * sqb + t * sqt, QO + b * sqob + t * sqot, sqh, sqoh, HQ, HALF, eps,
+                     cos1, cos2, sin1, sin2, cols, col_ok, HAS_NORM, BLOCK_H, BLOCK_HALF)
+    if HAS_POS:
+        row = tl.load(POS + b * spb + t * spt).to(tl.int64)
+    else:
+        row = t
+    if HAS_K:
+        _norm_rope_heads(K, WK, KO, K + b * skb + t * skt, KO + b * skob + row * skot, skh, skoh, HK, HALF, eps,
+                         cos1, cos2, sin1, sin2, cols, col_ok, HAS_NORM, BLOCK_H, BLOCK_HALF)
+    if HAS_V:
+        for h0 in range(0, HK, BLOCK_H):
+            heads = h0 + tl.arange(0, BLOCK_H)
+            mask = (heads < HK)[:, None] & col_ok[None, :]
+            v_ptr = V + b * svb + t * svt + heads[:, None] * svh + cols[None, :]
+            vo_ptr = VO + b * svob + row * svot + heads[:, None] * svoh + cols[None, :]
+            tl.store(vo_ptr, tl.load(v_ptr, mask=mask, other=0.0), mask=mask)
+            tl.store(vo_ptr + HALF, tl.load(v_ptr + HALF, mask=mask, other=0.0), mask=mask)
 
 
 @triton.jit
@@ -116,18 +146,44 @@ def _block(H: int, D: int) -> dict:
     return dict(BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=warps_for(2 * block_h * block_half))
 
 
+def _strides3(x: torch.Tensor | None) -> tuple[int, int, int]:
+    return (0, 0, 0) if x is None else tuple(x.stride()[:3])
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 @on_tensor_device
 def rope_forward(x, cos, sin, weight=None, eps=1e-6):
-    x = x if x.stride(-1) == 1 else x.contiguous()  # shapes were checked at the public entry point
-    cos, sin = cos.contiguous(), sin.contiguous()
-    B, T, H, D = x.shape
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if x.numel():
+    """Rotary (after a per-head RMSNorm with ``weight``) of one (B, T, H, D) tensor."""
+    return qk_norm_rope_forward(x, None, cos, sin, weight, None, eps)[0]
+
+
+@on_tensor_device
+def qk_norm_rope_forward(q, k, cos, sin, q_weight=None, k_weight=None, eps=1e-6, v=None, k_cache=None,
+                         v_cache=None, positions=None):
+    """q and k (which may be None) in one launch; returns (q_out, k_out). With caches, k's result and
+    v go into ``k_cache``/``v_cache`` (B, L, Hkv, D) at rows ``positions`` (B, T), and k_out is
+    ``k_cache``. Shapes were checked at the public entry points."""
+    q, cos, sin = _unit_stride(q), cos.contiguous(), sin.contiguous()
+    k = None if k is None else _unit_stride(k)
+    v = None if v is None else _unit_stride(v)
+    B, T, H, D = q.shape
+    Hkv = 0 if k is None else k.shape[2]
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = k_cache if k_cache is not None else (None if k is None else torch.empty(k.shape, dtype=k.dtype,
+                                                                                      device=k.device))
+    if q.numel() or (k is not None and k.numel()):
         _rope_fwd_kernel[(B * T,)](
-            x, weight if weight is not None else x, cos, sin, y, T, H, D // 2, eps,
-            x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), *_table_strides(cos),
-            HAS_NORM=weight is not None, **_block(H, D))
-    return y
+            q, q if k is None else k, q if v is None else v, q if q_weight is None else q_weight,
+            q if k_weight is None else k_weight, cos, sin, q_out, q_out if k_out is None else k_out,
+            q_out if v_cache is None else v_cache, q if positions is None else positions, T, H, Hkv, D // 2, eps,
+            *q.stride()[:3], *_strides3(k), *_strides3(v), *q_out.stride()[:3], *_strides3(k_out),
+            *_strides3(v_cache), *((0, 0) if positions is None else positions.stride()), *_table_strides(cos),
+            HAS_NORM=q_weight is not None, HAS_K=k is not None, HAS_V=v is not None,
+            HAS_POS=positions is not None, **_block(max(H, Hkv), D))
+    return q_out, k_out
 
 
 @on_tensor_device
@@ -197,7 +253,7 @@ _apply_rope_op.register_autograd(_backward_apply_rope, setup_context=_setup_appl
 @torch.library.custom_op("qwen3_kernels::qk_norm_rope", mutates_args=())
 def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_forward(q, cos, sin, q_weight, eps), rope_forward(k, cos, sin, k_weight, eps)
+    return qk_norm_rope_forward(q, k, cos, sin, q_weight, k_weight, eps)
 
 
 @_qk_norm_rope_op.register_fake
@@ -239,6 +295,18 @@ def _backward_qk_norm_rope(ctx, dq_out, dk_out):
 _qk_norm_rope_op.register_autograd(_backward_qk_norm_rope, setup_context=_setup_qk_norm_rope)
 
 
+@torch.library.custom_op("qwen3_kernels::qk_norm_rope_into_cache", mutates_args=("k_cache", "v_cache"))
+def _qk_norm_rope_into_cache_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                                k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                                v_cache: torch.Tensor, positions: torch.Tensor, eps: float) -> torch.Tensor:
+    return qk_norm_rope_forward(q, k, cos, sin, q_weight, k_weight, eps, v, k_cache, v_cache, positions)[0]
+
+
+@_qk_norm_rope_into_cache_op.register_fake
+def _(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, positions, eps):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     _checks.rope(x, cos, sin)
     _no_table_grad(cos, sin)
@@ -250,3 +318,15 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     _checks.qk_norm_rope(q, k, q_weight, k_weight, cos, sin)
     _no_table_grad(cos, sin)
     return _qk_norm_rope_op(q, k, q_weight, k_weight, cos, sin, float(eps))
+
+
+def qk_norm_rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                            k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, positions: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    _checks.qk_norm_rope_into_cache(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, positions)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, q_weight, k_weight)):
+        raise RuntimeError("qk_norm_rope_into_cache writes a KV cache in place and has no backward; call it "
+                           "under torch.no_grad() or torch.inference_mode()")
+    _no_table_grad(cos, sin)
+    return _qk_norm_rope_into_cache_op(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, positions,
+                                       float(eps))
