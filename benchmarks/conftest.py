@@ -21,6 +21,7 @@ GOAL_CASES = (
     r"test_(rms_norm|qk_norm_rope|swiglu)\[.*-16384-.*-?(triton|compile)\]",  # memory-bound ops, >= 64 MB
     r"test_gpu_decode\[1-fused",                              # end-to-end batch-1 decode
     r"test_gpu_prefill\[8-1024-(fused|transformers)",         # end-to-end prefill vs transformers
+    r"test_linear_cross_entropy\[8192-1024-",                # the fused loss vs eager, compile, Liger
 )
 
 

@@ -26,6 +26,11 @@ GOALS = [
     ("Decode attention, batch 1, 32k context, >= 2.1 TB/s", r"^attention decode$", r"^1x32768$", "gbps", 2100.0),
     ("End-to-end decode, batch 1, >= 1,000 tokens/s", r"^model decode$", r"^1x", "tokens_per_s", 1000.0),
     ("End-to-end prefill 8x1024 >= 2.5x transformers", r"^model prefill$", r"^8x1024$", "vs_transformers", 2.5),
+    ("Linear cross-entropy fwd+bwd: peak extra memory <= 10% of eager's", r"^linear_cross_entropy",
+     None, "mem_vs_eager", 10.0),
+    ("... time no worse than eager", r"^linear_cross_entropy", None, "vs_eager", 1.0),
+    ("... >= 1.2x Liger's speed", r"^linear_cross_entropy", None, "vs_liger", 1.2),
+    ("... at no more memory than Liger", r"^linear_cross_entropy", None, "mem_vs_liger", 1.0),
     ("CPU prefill >= 1.0x transformers", r"^model prefill \(cpu\)$", None, "vs_transformers", 1.0),
     ("CPU cached decode >= 1.0x transformers", r"^model decode \(cpu\)$", None, "vs_transformers", 1.0),
 ]
@@ -61,19 +66,22 @@ def load_rows(paths: str | list[str]) -> tuple[list[dict], dict]:
             for other in group:
                 if other is not row:
                     row[f"vs_{other['provider']}"] = other["median_s"] / row["median_s"]
+                if other is not row and row.get("peak_extra_bytes") and "peak_extra_bytes" in other:
+                    row[f"mem_vs_{other['provider']}"] = other["peak_extra_bytes"] / row["peak_extra_bytes"]
             if sdpa and not row["provider"].startswith("sdpa"):
                 row["vs_sdpa"] = min(sdpa) / row["median_s"]
     return rows, machine
 
 
 def throughput(row: dict) -> str:
+    memory = f", peak +{row['peak_extra_bytes'] / 2**20:,.0f} MiB" if "peak_extra_bytes" in row else ""
     if "tflops" in row:
-        return f"{row['tflops']:.1f} TFLOP/s"
+        return f"{row['tflops']:.1f} TFLOP/s{memory}"
     if "gbps" in row:
-        return f"{row['gbps']:.0f} GB/s"
+        return f"{row['gbps']:.0f} GB/s{memory}"
     if "tokens_per_s" in row:
-        return f"{row['tokens_per_s']:,.0f} tok/s"
-    return ""
+        return f"{row['tokens_per_s']:,.0f} tok/s{memory}"
+    return memory.removeprefix(", ")
 
 
 def markdown(rows: list[dict]) -> str:

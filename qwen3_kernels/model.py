@@ -13,11 +13,14 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
 from .config import Config, rope_frequencies
 
 log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # a label that counts for nothing in the loss (transformers' convention)
 
 
 def calculate_sin_cos(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0,
@@ -150,6 +153,22 @@ class Block(nn.Module):
         return self.ffn(h), residual
 
 
+class LMHead(nn.Linear):
+    """Vocabulary logits ``x @ W.T``; given ``targets``, the cross-entropy straight from the hidden
+    states (``ops.linear_cross_entropy``: fused, it never builds the (tokens x vocab) logits). The
+    weight is read here, inside this module's forward, so a sharding wrapper (FSDP2) that gathers
+    parameters around a module's forward hands the loss the whole weight."""
+
+    def __init__(self, config: Config, kernels=ops.reference):
+        super().__init__(config.hidden_size, config.vocab_size, bias=False)
+        self.ops = kernels
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        if targets is None:
+            return super().forward(x)                                    # (B, T, vocab)
+        return self.ops.linear_cross_entropy(x, self.weight, targets, IGNORE_INDEX, reduction)
+
+
 class QWEN(nn.Module):
     def __init__(self, config: Config | None = None, *, fused: bool = False):
         super().__init__()
@@ -159,7 +178,7 @@ class QWEN(nn.Module):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, layer, kernels) for layer in range(config.num_layers))
         self.norm = RMSNORM(config.hidden_size, config.rms_norm_eps, kernels)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config, kernels)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embeddings.weight
         inv_freq, self.rope_scaling = rope_frequencies(config)
@@ -207,16 +226,25 @@ class QWEN(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
+                labels: torch.Tensor | None = None, num_items_in_batch=None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T); (B, 1, vocab) with ``last_only``. With a
         ``cache``, the tokens continue each cached sequence: they are written at positions
-        ``cache.lens`` onward and attend to everything before them."""
+        ``cache.lens`` onward and attend to everything before them.
+
+        With ``labels`` (B, T), the next-token loss instead, a scalar, as transformers computes it:
+        position t is scored against ``labels[:, t + 1]`` (the shift happens here), labels of -100
+        count for nothing, and the result is the mean over the counted labels, or their sum divided
+        by ``num_items_in_batch`` when given (the count over a whole accumulated batch). Fused, the
+        logits are never built."""
         if not torch.compiler.is_compiling():
             self._check_input(input_ids, cache)
-        return self._forward(input_ids, cache, last_only)
+            if labels is not None:
+                self._check_labels(input_ids, labels, cache, last_only)
+        return self._forward(input_ids, cache, last_only, labels, num_items_in_batch)
 
-    def _forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False):
+    def _forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                 labels: torch.Tensor | None = None, num_items_in_batch=None):
         B, T = input_ids.shape
         x = self.embeddings(input_ids)                                   # (B, T, C)
         steps = torch.arange(T, device=input_ids.device)
@@ -231,7 +259,12 @@ class QWEN(nn.Module):
         if last_only:
             x, residual = x[:, -1:], residual[:, -1:]
         x, _ = self.norm(x, residual=residual)                           # the last block's residual add, fused
-        return self.lm_head(x)                                           # (B, T, vocab)
+        if labels is None:
+            return self.lm_head(x)                                       # (B, T, vocab)
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)       # (B, T): t predicts labels[t + 1]
+        if num_items_in_batch is None:
+            return self.lm_head(x, targets)                              # mean over the counted labels
+        return self.lm_head(x, targets, reduction="sum") / num_items_in_batch
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
@@ -277,6 +310,18 @@ class QWEN(nn.Module):
             raise ValueError(f"input_ids contains token id {hi} >= vocab_size {self.config.vocab_size}")
         if self.fused:
             self._warn_fallbacks(input_ids.device, self.embeddings.weight.dtype)
+
+    def _check_labels(self, input_ids: torch.Tensor, labels: torch.Tensor, cache, last_only: bool) -> None:
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"labels must be an int64 tensor of token ids (-100 to ignore), got "
+                            f"{getattr(labels, 'dtype', type(labels).__name__)}")
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        if labels.device != input_ids.device:
+            raise ValueError(f"labels are on {labels.device}, input_ids on {input_ids.device}")
+        if cache is not None or last_only:
+            raise ValueError("labels compute the training loss over every position: they cannot be combined "
+                             "with a KV cache or last_only")
 
     def _warn_fallbacks(self, device: torch.device, dtype: torch.dtype) -> None:
         if (device, dtype) in self._warned_devices:

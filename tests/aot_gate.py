@@ -193,7 +193,8 @@ def _qkv_views(B, T, H, Hkv, D, dtype):
     return q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
 
 
-PREFILL_LENGTHS = (1, 4096, 16384)   # one token, and long prompts / training sequences
+PREFILL_LENGTHS = (1, 4096, 16384)
+VOCAB = 151936  # every dense Qwen3   # one token, and long prompts / training sequences
 DECODE_BATCHES = (1, 8, 64)
 CACHE_LENGTHS = (1024, 32768)
 
@@ -201,7 +202,7 @@ CACHE_LENGTHS = (1024, 32768)
 def workloads(arch: int):
     """(tag, thunk) pairs; each thunk runs real launchers on meta tensors."""
     from qwen3_kernels.ops.triton import attention as attn
-    from qwen3_kernels.ops.triton import rms_norm, rope, swiglu
+    from qwen3_kernels.ops.triton import cross_entropy, rms_norm, rope, swiglu
 
     for dtype in DTYPES:
         dt = str(dtype).removeprefix("torch.")
@@ -229,6 +230,10 @@ def workloads(arch: int):
                     gate, up = g[..., :inter], g[..., inter:]
                     swiglu.swiglu_forward(gate, up)
                     swiglu.swiglu_backward(_meta(B, T, inter, dtype=dtype), gate, up)
+                    hidden, head = x.view(-1, C), _meta(VOCAB, C, dtype=dtype)  # the training loss
+                    targets = _meta(B * T, dtype=torch.int64)
+                    losses, lse = cross_entropy.linear_cross_entropy_forward(hidden, head, targets, -100)
+                    cross_entropy.linear_cross_entropy_backward(losses, hidden, head, targets, lse, -100, True, True)
 
                 if not name.startswith("test-"):  # the test shapes exist for their attention head dims
                     yield f"{tag} elementwise", token_ops

@@ -94,3 +94,22 @@ def test_gpu_check_without_a_gpu_exits_cleanly_and_says_why(tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert "no CUDA device here: skipped tier 1" in summary
     assert len(list(tmp_path.iterdir())) <= 8
+
+
+def test_report_compares_peak_memory_of_the_fused_loss(tmp_path):
+    import json
+    shape = "8192x1024x151936"
+    data = {"benchmarks": [
+        _bench("linear_cross_entropy fwd+bwd", shape, "triton", 0.010, peak_extra_bytes=200 << 20),
+        _bench("linear_cross_entropy fwd+bwd", shape, "eager", 0.012, peak_extra_bytes=9000 << 20),
+        _bench("linear_cross_entropy fwd+bwd", shape, "liger", 0.011, peak_extra_bytes=800 << 20),
+    ]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    rows, _ = report.load_rows([str(path)])
+    ours = next(r for r in rows if r["provider"] == "triton")
+    assert ours["mem_vs_eager"] == 45.0 and ours["mem_vs_liger"] == 4.0
+    assert "peak +200 MiB" in report.throughput(ours)
+    text = report.goals(rows)
+    assert "peak extra memory <= 10% of eager's | worst 45.00" in text
+    assert next(line for line in text.splitlines() if "1.2x Liger" in line).endswith("| NO |")  # 1.10x

@@ -7,8 +7,8 @@ import collections
 
 import pytest
 import torch
+from dispatch import IntoCustomOps
 from kernels import KERNEL_DEVICE, needs_triton
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwen3_kernels import QWEN, Config, ops
 
@@ -22,21 +22,24 @@ def _config(num_layers):
                   intermediate_size=80, max_position_embeddings=64)
 
 
-class _CountingMode(TorchDispatchMode):
+class _CountingMode(IntoCustomOps):
     def __init__(self, launches: "Launches"):
         super().__init__()
         self.launches = launches
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return self.launches.dispatch(func, args, kwargs or {})
+    def nested(self):
+        return _CountingMode(self.launches)
+
+    def aten(self, func, args, kwargs, out):
+        self.launches.count(func, args, out)
 
 
 class Launches:
     """Counts by name what would launch a GPU kernel while inside: aten ops other than views,
-    allocations and metadata, and Triton kernels. A qwen3_kernels op runs its Python body under the
-    counter, so the GEMMs inside ``packed_linear`` count; what the Triton interpreter does with torch
-    inside a launch does not. A host read (``item``) uncounts the op that produced its input: on CPU
-    tensors the ops check index values that way (ops/_checks.py), which on a GPU they skip."""
+    allocations and metadata, and Triton kernels, inside qwen3_kernels ops too (so the GEMMs inside
+    ``packed_linear`` count); what the Triton interpreter does with torch inside a launch does not.
+    A host read (``item``) uncounts the op that produced its input: on CPU tensors the ops check
+    index values that way (ops/_checks.py), which on a GPU they skip."""
 
     FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh",
             "alias", "set_", "resize_"}
@@ -75,15 +78,10 @@ class Launches:
         self._mode.__exit__(*exc)
         KernelInterface.__getitem__ = self._getitem
 
-    def dispatch(self, func, args, kwargs):
-        namespace, op = func._schema.name.split("::")
-        if namespace == "qwen3_kernels":
-            from torch._library.custom_ops import OPDEFS
-            with _CountingMode(self):
-                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-        out = func(*args, **kwargs)
+    def count(self, func, args, out):
         if self._in_kernel:
-            return out
+            return
+        op = func._schema.name.split("::")[1]
         if op in self.HOST_READS:
             producer = self._producers.pop(id(args[0]), None)
             if producer is not None:
@@ -93,7 +91,6 @@ class Launches:
             self.counts[name] += 1
             if isinstance(out, torch.Tensor) and out.dim() == 0:
                 self._producers[id(out)] = name
-        return out
 
     @staticmethod
     def _is_view(func) -> bool:

@@ -23,7 +23,7 @@ from .packing import pack_parameters  # noqa: F401  (the layout packed_linear is
 BACKEND_ENV = "QWEN3_KERNELS_BACKEND"
 BACKENDS = ("auto", "reference", "triton")
 OPS = ("rms_norm", "add_rms_norm", "apply_rope", "qk_norm_rope", "qk_norm_rope_into_cache", "swiglu", "attention",
-       "packed_linear")
+       "packed_linear", "linear_cross_entropy")
 _TL_DOT_OPS = ("attention",)  # ops whose kernels multiply matrices with tl.dot
 
 
@@ -153,6 +153,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               softmax_scale: float | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
     return choose("attention", q.device, q.dtype).fn(q, k, v, causal, softmax_scale, kv_lens)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         reduction: str = "mean") -> torch.Tensor:
+    return choose("linear_cross_entropy", hidden.device, hidden.dtype).fn(hidden, weight, targets, ignore_index,
+                                                                          reduction)
 
 
 for _name in OPS:  # the dispatchers document themselves with the reference's contract

@@ -131,3 +131,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.
         lo, hi = int(kv_lens.min()), int(kv_lens.max())
         if lo < 0 or hi > k.shape[1]:
             raise ValueError(f"attention: kv_lens must be in [0, Tk={k.shape[1]}], got values from {lo} to {hi}")
+
+
+def linear_cross_entropy(hidden, weight, targets, ignore_index, reduction) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"linear_cross_entropy: hidden (..., C) and weight (V, C) must agree on C, got hidden "
+                         f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"linear_cross_entropy: targets shape {tuple(targets.shape)} must be hidden's leading "
+                         f"shape {tuple(hidden.shape[:-1])}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"linear_cross_entropy: targets must be int64 (or int32) class ids, got {targets.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"linear_cross_entropy: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device or targets.device != hidden.device:
+        raise ValueError(f"linear_cross_entropy: hidden on {hidden.device}, weight on {weight.device}, targets on "
+                         f"{targets.device}")
+    # as for kv_lens: target values are read only where that is free (eager CPU tensors); on a GPU an
+    # out-of-range target makes its loss NaN
+    if targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling():
+        counted = targets[targets != ignore_index]
+        V = weight.shape[0]
+        if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= V):
+            bad = counted[(counted < 0) | (counted >= V)][0].item()
+            raise ValueError(f"linear_cross_entropy: target {bad} is outside [0, vocab size {V}) and is not "
+                             f"ignore_index ({ignore_index})")

@@ -147,3 +147,30 @@ def _attention(q, k, v, causal, softmax_scale, kv_lens):
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
         out = probs.to(q.dtype) @ v
     return out.transpose(1, 2)  # (B, Tq, H, D)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the logits ``hidden @ weight.T`` against class ids ``targets``: hidden (..., C),
+    weight (V, C), targets (...) int64; targets equal to ``ignore_index`` count for nothing. The
+    logits are computed in hidden's dtype and upcast to fp32 (transformers' order); the result is
+    fp32: ``"mean"`` over the counted targets (0, not NaN, when every target is ignored), ``"sum"``,
+    or ``"none"`` (per target, shaped like ``targets``). This reference builds the (N x V) logits;
+    the Triton path never does."""
+    _checks.linear_cross_entropy(hidden, weight, targets, ignore_index, reduction)
+    logits = F.linear(hidden, weight).float()
+    losses = F.cross_entropy(logits.reshape(-1, weight.shape[0]), targets.reshape(-1).long(),
+                             ignore_index=ignore_index, reduction="none")
+    return reduce_token_losses(losses, targets, ignore_index, reduction)
+
+
+def reduce_token_losses(losses: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str
+                        ) -> torch.Tensor:
+    """Per-token losses (N,) -> the ``reduction`` of ``linear_cross_entropy``; the count of counted
+    targets stays on the device (no host sync)."""
+    if reduction == "none":
+        return losses.view(targets.shape)
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    return total / (targets != ignore_index).sum().clamp(min=1)

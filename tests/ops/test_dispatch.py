@@ -74,7 +74,8 @@ def test_unknown_op_is_named():
 
 @needs_triton
 @pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "apply_rope", "qk_norm_rope", "qk_norm_rope_into_cache",
-                                  "swiglu", "flash_attention", "decode_attention", "packed_linear"])
+                                  "swiglu", "flash_attention", "decode_attention", "packed_linear",
+                                  "linear_cross_entropy"])
 def test_opcheck(name):
     import qwen3_kernels.ops.triton  # noqa: F401  (registers the ops)
     B, T, H, Hkv, D = 2, 3, 4, 2, 16
@@ -96,6 +97,8 @@ def test_opcheck(name):
         "swiglu": (rand(5, 40, **dev).requires_grad_(), rand(5, 40, seed=1, **dev).requires_grad_()),
         "packed_linear": (rand(B, T, 24, **dev).requires_grad_(),
                           [rand(n, 24, seed=s, **dev).requires_grad_() for s, n in enumerate((16, 8, 8))]),
+        "linear_cross_entropy": (rand(13, 24, **dev).requires_grad_(), rand(300, 24, seed=1, **dev).requires_grad_(),
+                                 torch.tensor([5, -100, 299, 0, 7, 7, -100, 1, 2, 3, 250, 11, 12], **dev), -100),
         "flash_attention": (rand(B, 19, H, D, **dev).requires_grad_(),
                             rand(B, 23, Hkv, D, seed=1, **dev).requires_grad_(),
                             rand(B, 23, Hkv, D, seed=2, **dev).requires_grad_(), None, True, 0.25),
