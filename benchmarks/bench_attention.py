@@ -117,3 +117,57 @@ def test_decode(benchmark, peak, provider, batch, context):
         _runs(fn, sets[0], False)
     run(benchmark, step, sets, op="attention decode", shape=f"{batch}x{context}",
         provider=provider, peak=peak, bytes=nbytes)
+
+
+def _length_mix(total_tokens: int = 32768, max_len: int = 4096) -> list[int]:
+    """Fine-tuning-like example lengths, drawn once (fixed seed) from a log-normal with mean ~600,
+    capped at 4096, until ~32k tokens: the mix the packed-vs-padded comparison runs on."""
+    g = torch.Generator().manual_seed(0)
+    lengths, used = [], 0
+    while True:
+        n = int(min(max_len, max(1, torch.empty(1).log_normal_(6.0, 0.8, generator=g).item())))
+        if used + n > total_tokens:
+            return lengths
+        lengths.append(n)
+        used += n
+
+
+@pytest.mark.parametrize("provider", ["triton-packed", "triton-padded", "sdpa-padded", "flash_attn-packed"])
+def test_varlen(benchmark, peak, provider):
+    """Forward + backward over one padding-free batch of the length mix (``cu_seqlens``), against the
+    same examples padded to the longest (what a batch without packing costs) and flash-attention's
+    varlen kernel. Tokens/s counts real tokens only."""
+    lengths = _length_mix()
+    total, longest = sum(lengths), max(lengths)
+    g = torch.Generator("cuda").manual_seed(0)
+    if provider.endswith("packed"):
+        shape_q, shape_kv = (1, total, H, D), (1, total, HKV, D)
+    else:
+        shape_q, shape_kv = (len(lengths), longest, H, D), (len(lengths), longest, HKV, D)
+    q = torch.randn(*shape_q, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    k, v = (torch.randn(*shape_kv, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+            for _ in range(2))
+    cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    if provider == "triton-packed":
+        from qwen3_kernels.ops.triton import attention
+        fn = lambda q, k, v: attention.attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=longest)  # noqa: E731
+    elif provider == "flash_attn-packed":
+        if not HAS_FLASH_ATTN:
+            pytest.skip("flash_attn is not installed")
+        from flash_attn import flash_attn_varlen_func
+        fn = lambda q, k, v: flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, cu_seqlens, longest,  # noqa: E731
+                                                    longest, causal=True)[None]
+    elif provider == "triton-padded":
+        fn = _impl("triton")
+    else:
+        fn = _sdpa("FLASH_ATTENTION")
+    _runs(fn, (q, k, v), True)
+    dout = torch.randn_like(fn(q, k, v))
+
+    def step(q, k, v):
+        torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+
+    useful = sum(attention_flops(1, H, n, n, D, backward=True) for n in lengths)
+    run(benchmark, step, [(q, k, v)], op="attention varlen fwd+bwd", shape=f"{len(lengths)} seqs, {total} tokens",
+        provider=provider, peak=peak, flops=useful)
+    benchmark.extra_info.update(tokens_per_s=total / benchmark.extra_info["median_s"])

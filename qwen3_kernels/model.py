@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -35,6 +36,15 @@ def calculate_sin_cos(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: 
 def rotate(x: torch.Tensor) -> torch.Tensor:
     """The half-split rotation RoPE pairs with sin: ``[x1, x2] -> [-x2, x1]``."""
     return ops.reference.rotate_half(x)
+
+
+class Attend(NamedTuple):
+    """Which keys each query of one forward sees besides causality: a KV cache's filled length per
+    sequence (``kv_lens`` (B,)), or packed sequences, each seeing only itself (``cu_seqlens``
+    (n + 1,) int32 prefix sums of their lengths, ``max_seqlen`` the longest); by default, its row."""
+    kv_lens: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
 
 
 class KVCache:
@@ -111,7 +121,7 @@ class GQA(nn.Module):
         self.ops = kernels
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, attend: Attend = Attend()) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         projections = (self.q_proj, self.k_proj, self.v_proj)
@@ -125,7 +135,8 @@ class GQA(nn.Module):
             k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # (B, max_len, Hkv, D)
             q = self.ops.qk_norm_rope_into_cache(q, k, v, qw, kw, cos, sin, k_cache, v_cache, positions, eps)
             k, v = k_cache, v_cache  # attend over everything cached so far, these tokens included
-        out = self.ops.attention(q, k, v, causal=True, kv_lens=kv_lens)  # (B, T, H, D)
+        out = self.ops.attention(q, k, v, causal=True, kv_lens=attend.kv_lens, cu_seqlens=attend.cu_seqlens,
+                                 max_seqlen=attend.max_seqlen)             # (B, T, H, D)
         return self.o_proj(out.reshape(B, T, H * D))
 
 
@@ -143,12 +154,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                attend: Attend = Attend()) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:  # the first block: x is the embedding, the stream starts here
             h, residual = self.attn_norm(x), x
         else:
             h, residual = self.attn_norm(x, residual=residual)  # residual += x; h = norm(residual)
-        attn_out = self.attn(h, cos, sin, cache, positions, kv_lens)
+        attn_out = self.attn(h, cos, sin, cache, positions, attend)
         h, residual = self.ffn_norm(attn_out, residual=residual)
         return self.ffn(h), residual
 
@@ -227,7 +238,8 @@ class QWEN(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
-                labels: torch.Tensor | None = None, num_items_in_batch=None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, num_items_in_batch=None, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T); (B, 1, vocab) with ``last_only``. With a
         ``cache``, the tokens continue each cached sequence: they are written at positions
         ``cache.lens`` onward and attend to everything before them.
@@ -236,26 +248,60 @@ class QWEN(nn.Module):
         position t is scored against ``labels[:, t + 1]`` (the shift happens here), labels of -100
         count for nothing, and the result is the mean over the counted labels, or their sum divided
         by ``num_items_in_batch`` when given (the count over a whole accumulated batch). Fused, the
-        logits are never built."""
+        logits are never built.
+
+        ``position_ids`` (B, T) sets each token's rotary position. Packed sequences (a padding-free
+        batch, ``input_ids`` (1, total) holding several examples back to back): position_ids that
+        restart at 0 for each example (transformers' convention), or ``cu_seqlens`` ((n + 1,) int32
+        prefix sums of the example lengths) and ``max_seqlen``; each example attends only to itself
+        and gets the logits it would get alone. Passing cu_seqlens and max_seqlen avoids reading
+        them from the device."""
         if not torch.compiler.is_compiling():
             self._check_input(input_ids, cache)
             if labels is not None:
                 self._check_labels(input_ids, labels, cache, last_only)
-        return self._forward(input_ids, cache, last_only, labels, num_items_in_batch)
+        positions, attend = position_ids, Attend()
+        if cu_seqlens is not None or (position_ids is not None and input_ids.shape[0] == 1):
+            if cache is not None:
+                raise ValueError("packed sequences (position_ids or cu_seqlens) cannot continue a KV cache")
+            positions, attend = self._packed_sequences(input_ids, position_ids, cu_seqlens, max_seqlen)
+        return self._forward(input_ids, cache, last_only, labels, num_items_in_batch, positions, attend)
+
+    def _packed_sequences(self, input_ids, position_ids, cu_seqlens, max_seqlen) -> tuple[torch.Tensor, Attend]:
+        """(positions (1, total), Attend) of a packed batch, from position_ids or cu_seqlens."""
+        total, device = input_ids.shape[1], input_ids.device
+        if position_ids is not None and position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} must equal input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        if cu_seqlens is None:  # each example starts where the positions restart at 0
+            starts = torch.nonzero(position_ids[0] == 0).flatten()
+            if starts.numel() == 0 or int(starts[0]) != 0:
+                raise ValueError("position_ids of a packed batch must start at 0 (each example's first token)")
+            cu_seqlens = torch.cat([starts, starts.new_tensor([total])]).to(torch.int32)
+        if position_ids is None:  # each token's place in its own example
+            tokens = torch.arange(total, device=device)
+            example = torch.searchsorted(cu_seqlens[1:].to(torch.int64), tokens, right=True)
+            position_ids = (tokens - cu_seqlens.to(torch.int64)[example])[None]
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return position_ids, Attend(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     def _forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                 labels: torch.Tensor | None = None, num_items_in_batch=None):
+                 labels: torch.Tensor | None = None, num_items_in_batch=None, positions: torch.Tensor | None = None,
+                 attend: Attend = Attend()):
         B, T = input_ids.shape
         x = self.embeddings(input_ids)                                   # (B, T, C)
-        steps = torch.arange(T, device=input_ids.device)
-        positions = steps if cache is None else cache.lens[:, None] + steps  # (T,) or (B, T)
+        if positions is None:
+            steps = torch.arange(T, device=input_ids.device)
+            positions = steps if cache is None else cache.lens[:, None] + steps  # (T,) or (B, T)
         sin, cos = calculate_sin_cos(positions, self.inv_freq, self.rope_scaling, x.dtype)  # (.., T, D)
-        kv_lens = None if cache is None else cache.lens + T              # (B,) once these tokens are in
+        if cache is not None:
+            attend = Attend(kv_lens=cache.lens + T)                      # (B,) once these tokens are in
         residual = None
         for block in self.blocks:
-            x, residual = block(x, residual, cos, sin, cache, positions, kv_lens)
+            x, residual = block(x, residual, cos, sin, cache, positions, attend)
         if cache is not None:
-            cache.lens.copy_(kv_lens)
+            cache.lens.copy_(attend.kv_lens)
         if last_only:
             x, residual = x[:, -1:], residual[:, -1:]
         x, _ = self.norm(x, residual=residual)                           # the last block's residual add, fused

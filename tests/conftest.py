@@ -44,6 +44,17 @@ def load_hf(path, dtype=torch.float32, attn="sdpa"):
     return transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).eval()
 
 
+@pytest.fixture(params=["reference", "triton"])
+def backend(request, monkeypatch):
+    """Every op through the eager reference, then forced through Triton (on the CPU, its interpreter)."""
+    from qwen3_kernels import ops
+    monkeypatch.setattr(ops, "_choices", {})
+    if request.param == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv(ops.BACKEND_ENV, "triton")
+    return request.param
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     """Writes a random transformers Qwen3 to disk in ``dtype``; returns (directory, transformers model

@@ -19,15 +19,6 @@ def _batch(seed=3):
     return ids, labels
 
 
-@pytest.fixture(params=["reference", "triton"])
-def backend(request, monkeypatch):
-    monkeypatch.setattr(ops, "_choices", {})
-    if request.param == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv(ops.BACKEND_ENV, "triton")
-    return request.param
-
-
 @pytest.mark.parametrize("tie", [True, False])
 def test_loss_and_every_gradient_match_transformers(hf_checkpoint, backend, tie):
     path, _ = hf_checkpoint(tie=tie)

@@ -151,8 +151,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              softmax_scale: float | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
-    return choose("attention", q.device, q.dtype).fn(q, k, v, causal, softmax_scale, kv_lens)
+              softmax_scale: float | None = None, kv_lens: torch.Tensor | None = None,
+              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+    return choose("attention", q.device, q.dtype).fn(q, k, v, causal, softmax_scale, kv_lens, cu_seqlens, max_seqlen)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,

@@ -54,6 +54,38 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin) -> None:
             raise TypeError(f"{name} dtype {w.dtype} differs from the activations' dtype {x.dtype}")
 
 
+def packed_sequences(q, k, kv_lens, cu_seqlens, max_seqlen) -> int:
+    """Checks ``cu_seqlens`` against packed q (1, total, H, D) and k; returns ``max_seqlen``, read
+    from ``cu_seqlens`` when not given (a host sync on a GPU; passing it avoids that)."""
+    if kv_lens is not None:
+        raise ValueError("attention: cu_seqlens (packed sequences) and kv_lens (a KV cache) cannot be combined")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
+            or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"attention: cu_seqlens must be an int32 tensor of shape (n + 1,) with n >= 1, got "
+                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
+                         f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    total = q.shape[1]
+    if q.shape[0] != 1 or k.shape[0] != 1 or k.shape[1] != total:
+        raise ValueError(f"attention: packed sequences need q (1, total, H, D) and k, v (1, total, Hkv, D), got q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    read = max_seqlen is None or (cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling())
+    if read:
+        bounds = cu_seqlens.tolist()
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        if bounds[0] != 0 or bounds[-1] != total:
+            raise ValueError(f"attention: cu_seqlens must run from 0 to the {total} packed tokens, got "
+                             f"{bounds[0]} .. {bounds[-1]}")
+        if min(lengths) < 0:
+            raise ValueError(f"attention: cu_seqlens must not decrease, got {bounds}")
+        if max_seqlen is not None and max_seqlen < max(lengths):
+            raise ValueError(f"attention: max_seqlen={max_seqlen} is shorter than the longest packed sequence "
+                             f"({max(lengths)} tokens)")
+        return max(lengths) if max_seqlen is None else int(max_seqlen)
+    return int(max_seqlen)
+
+
 def qk_norm_rope_into_cache(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, positions) -> None:
     qk_norm_rope(q, k, q_weight, k_weight, cos, sin)
     if v.shape != k.shape or v.dtype != k.dtype:

@@ -94,15 +94,26 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              softmax_scale: float | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+              softmax_scale: float | None = None, kv_lens: torch.Tensor | None = None,
+              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
     """Grouped-query attention. q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D) with H % Hkv == 0.
 
     The causal mask is aligned bottom-right: query i sees keys ``0 .. Tk - Tq + i``, so the same call
     serves prefill (Tq == Tk), chunked prefill and decode over a KV cache (Tq < Tk). ``kv_lens`` (B,)
     int gives each sequence's number of valid keys in a preallocated cache: keys at or past
     ``kv_lens[b]`` are ignored and the causal alignment uses ``kv_lens[b]`` in place of Tk. A query
-    that sees no key at all gets a zero output, never NaN. Returns (B, Tq, H, D)."""
+    that sees no key at all gets a zero output, never NaN. Returns (B, Tq, H, D).
+
+    Packed sequences (padding-free batches): with ``cu_seqlens`` (int32, (n + 1,), prefix sums of the
+    n sequence lengths), q is (1, total, H, D), k and v (1, total, Hkv, D), and sequence i, tokens
+    ``cu_seqlens[i]:cu_seqlens[i + 1]``, attends to itself only. ``max_seqlen`` (the longest length)
+    spares the Triton path reading it from the device; here it is only checked."""
     _checks.attention(q, k, v, kv_lens)
+    if cu_seqlens is not None:
+        _checks.packed_sequences(q, k, kv_lens, cu_seqlens, max_seqlen)
+        bounds = cu_seqlens.tolist()
+        return torch.cat([_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal, softmax_scale, None)
+                          for a, b in zip(bounds, bounds[1:])], dim=1)
     return _attention(q, k, v, causal, softmax_scale, kv_lens)
 
 

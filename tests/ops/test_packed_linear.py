@@ -2,7 +2,6 @@
 one-by-one projections and float64, and the packing itself: what it keeps (Parameters, names, values,
 state dict) and when the model re-packs (construction, moves, loads)."""
 
-import float64
 import pytest
 import torch
 from float64 import assert_within_rule

@@ -35,6 +35,13 @@ def _kv_len(KV_LENS, b, Tk, HAS_KV_LENS: tl.constexpr):
 
 
 @triton.jit
+def _sequence(CU_SEQLENS, b):
+    """(first token, length) of packed sequence b: its span ``cu_seqlens[b]:cu_seqlens[b + 1]``."""
+    start = tl.load(CU_SEQLENS + b)
+    return start.to(tl.int64), (tl.load(CU_SEQLENS + b + 1) - start).to(tl.int32)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start, end, offs_m, offs_n, offs_d,
                shift, kv_len, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -68,19 +75,20 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start, en
     return acc, l_i, m_i
 
 
-# Tq/Tk only bound loops and masks: a one-token prompt reuses the long-prompt kernel instead of
-# compiling each autotune candidate again for Tq == Tk == 1.
-@triton.jit(do_not_specialize=["Tq", "Tk"])
-def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, qk_scale, Tq, Tk, H, GROUP,
-                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                     CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr,
+# Tq/Tk only bound loops and masks (and the LSE strides slb/slh, which are Tq-sized): a one-token
+# prompt reuses the long-prompt kernel instead of compiling each autotune candidate again for Tq == 1.
+@triton.jit(do_not_specialize=["Tq", "Tk", "slb", "slh"])
+def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, CU_SEQLENS, qk_scale, Tq, Tk, H, GROUP,
+                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, slb, slh,
+                     CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     """``O = softmax(Q K^T * scale + mask) V`` for one batch, BLOCK_M query rows; also
     ``LSE = log2(sum(exp2(s)))`` per row. The rows are BLOCK_M // PACK positions of PACK query heads
     that share one KV head (PACK = 1: one head; PACK = GROUP: the whole group, so each K/V tile is
     loaded once for all of them). Key blocks above the diagonal are never loaded, blocks fully below
-    it run without a mask, only the diagonal band is masked."""
+    it run without a mask, only the diagonal band is masked. With VARLEN, "batch" b is sequence b of
+    the packed tokens (CU_SEQLENS), which attends to itself only; tiles past its end do nothing."""
     BLOCK_T: tl.constexpr = BLOCK_M // PACK  # query positions per tile
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -88,6 +96,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, qk_scale, Tq, Tk, H, GROUP,
     b = (pid_bh // slots).to(tl.int64)
     slot = pid_bh % slots
     kv_head = ((slot * PACK) // GROUP).to(tl.int64)
+    if VARLEN:  # queries and keys are the sequence's own span of the packed tokens
+        first, Tq = _sequence(CU_SEQLENS, b)
+        Tk = Tq
+        Q += first * sqt
+        K += first * skt
+        V += first * svt
+        O += first * sot
+        LSE += first
     kv_len = _kv_len(KV_LENS, b, Tk, HAS_KV_LENS)
     shift = kv_len - Tq  # query i sees keys j <= i + shift
     t0 = pid_m * BLOCK_T
@@ -112,7 +128,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, qk_scale, Tq, Tk, H, GROUP,
     else:
         end = kv_len
         unmasked_end = kv_len
-    unmasked_end = (unmasked_end // BLOCK_N) * BLOCK_N
+    end = tl.where(t0 < Tq, end, 0)  # a tile past a packed sequence's end (VARLEN) loads nothing
+    unmasked_end = (tl.minimum(unmasked_end, end) // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, 0, unmasked_end, t, offs_n,
                                offs_d, shift, kv_len, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, unmasked_end, end, t, offs_n,
@@ -123,7 +140,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, qk_scale, Tq, Tk, H, GROUP,
     tl.store(O + b * sob + h[:, None] * soh + t64[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(LSE + (b * H + h) * Tq + t64, lse, mask=row_ok)
+    tl.store(LSE + b * slb + h * slh + t64, lse, mask=row_ok)
 
 
 @triton.jit
@@ -174,20 +191,33 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, 
 
 # A one-token sequence would otherwise get its own specialisation (Tq == 1 as a constant), which
 # compiles to a different schedule that spills; training never needs a faster T = 1 backward.
-@triton.jit(do_not_specialize=["Tq", "Tk"])
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, qk_scale, sm_scale, Tq, Tk, H, GROUP,
-                          sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
-                          sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
-                          CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+@triton.jit(do_not_specialize=["Tq", "Tk", "slb", "slh"])
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, CU_SEQLENS, qk_scale, sm_scale, Tq, Tk, H,
+                          GROUP, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+                          sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, slb, slh,
+                          CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
     """For one (batch, KV head, BLOCK_N keys), summed over the GROUP query heads that read it:
     ``P^T = exp2(K Q^T * scale - LSE)``, ``dV = P^T dO``, ``dS^T = P^T * (V dO^T - delta)``,
-    ``dK = scale * dS^T Q``. Each program owns its dK/dV rows: deterministic, no atomics."""
+    ``dK = scale * dS^T Q``. Each program owns its dK/dV rows: deterministic, no atomics. With
+    VARLEN, b is a packed sequence (CU_SEQLENS). LSE and DELTA share one layout (strides slb, slh)."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     n_kv_heads = H // GROUP
     b = (bhk // n_kv_heads).to(tl.int64)
     kv_head = bhk % n_kv_heads
+    if VARLEN:
+        first, Tq = _sequence(CU_SEQLENS, b)
+        Tk = Tq
+        Q += first * sqt
+        K += first * skt
+        V += first * svt
+        DO += first * sdot
+        DK += first * sdkt
+        DV += first * sdvt
+        LSE += first
+        DELTA += first
     kv_len = _kv_len(KV_LENS, b, Tk, HAS_KV_LENS)
     shift = kv_len - Tq
     n0 = pid_n * BLOCK_N
@@ -205,6 +235,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, qk_scale, sm
     first_m = 0
     if CAUSAL:  # queries before n0 - shift see none of these keys
         first_m = (tl.maximum(n0 - shift, 0) // BLOCK_M) * BLOCK_M
+    first_m = tl.where(n0 < kv_len, first_m, Tq)  # a block past a packed sequence's end sums nothing
     # Query blocks from `unmasked_m` on see every key of this block (and the block lies inside
     # kv_len): they skip the mask; only the diagonal band before them is masked.
     unmasked_m = Tq
@@ -216,8 +247,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, qk_scale, sm
         h = (kv_head * GROUP + g).to(tl.int64)
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
-        lse_base = LSE + (b * H + h) * Tq
-        delta_base = DELTA + (b * H + h) * Tq
+        lse_base = LSE + b * slb + h * slh
+        delta_base = DELTA + b * slb + h * slh
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, first_m, unmasked_m,
                              offs_m, offs_n, offs_d, col_ok, Tq, shift, qk_scale,
                              True, CAUSAL, BLOCK_M, DOT_PRECISION)
@@ -262,18 +293,30 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, start, end, offs_
 
 # A one-token sequence would otherwise get its own specialisation (Tq == 1 as a constant), which
 # compiles to a different schedule that spills; training never needs a faster T = 1 backward.
-@triton.jit(do_not_specialize=["Tq", "Tk"])
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, qk_scale, sm_scale, Tq, Tk, H, GROUP,
-                        sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh,
-                        CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+@triton.jit(do_not_specialize=["Tq", "Tk", "slb", "slh"])
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, CU_SEQLENS, qk_scale, sm_scale, Tq, Tk, H, GROUP,
+                        sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh, sdqb, sdqt, sdqh, slb, slh,
+                        CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
     """For one (batch, query head, BLOCK_M queries): ``P = exp2(Q K^T * scale - LSE)``,
-    ``dS = P * (dO V^T - delta)``, ``dQ = scale * dS K``, over the key blocks the rows can see."""
+    ``dS = P * (dO V^T - delta)``, ``dQ = scale * dS K``, over the key blocks the rows can see. With
+    VARLEN, b is a packed sequence (CU_SEQLENS)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     kv_head = h // GROUP
+    if VARLEN:
+        first, Tq = _sequence(CU_SEQLENS, b)
+        Tk = Tq
+        Q += first * sqt
+        K += first * skt
+        V += first * svt
+        DO += first * sdot
+        DQ += first * sdqt
+        LSE += first
+        DELTA += first
     kv_len = _kv_len(KV_LENS, b, Tk, HAS_KV_LENS)
     shift = kv_len - Tq
     m0 = pid_m * BLOCK_M
@@ -284,8 +327,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, qk_scale, sm_scale
     rows = offs_m.to(tl.int64)[:, None]
     q = tl.load(Q + b * sqb + h * sqh + rows * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + rows * sdot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * skb + kv_head * skh
     v_base = V + b * svb + kv_head * svh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -295,7 +338,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, qk_scale, sm_scale
     else:
         end = kv_len
         unmasked_end = kv_len
-    unmasked_end = (unmasked_end // BLOCK_N) * BLOCK_N
+    end = tl.where(m0 < Tq, end, 0)  # a tile past a packed sequence's end loads nothing
+    unmasked_end = (tl.minimum(unmasked_end, end) // BLOCK_N) * BLOCK_N
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, 0, unmasked_end, offs_m, offs_n, offs_d,
                    row_ok, kv_len, shift, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skt, svt, unmasked_end, end, offs_m, offs_n, offs_d,
@@ -418,9 +462,10 @@ def _length_bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 16384)
 
 
-def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch, has_kv_lens: bool = False) -> dict:
+def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch, has_kv_lens: bool = False,
+                     packed_lengths: tuple[int, int] | None = None) -> dict:
     """The fastest forward config for this (arch, length buckets, head_dim, dtype, causal, GQA group,
-    per-sequence lengths or not), measured once with ``launch(cfg)``: the median of ~100 ms of
+    per-sequence lengths or not, packed sequences or not), measured once with ``launch(cfg)``: the median of ~100 ms of
     CUDA-event-timed runs per candidate, so candidates a few percent apart still rank right at 16k.
     The default config is used where measuring is impossible or unwanted: the interpreter,
     CUDA-graph capture, or ``QWEN3_KERNELS_AUTOTUNE=0`` (how tests pin one config)."""
@@ -429,8 +474,9 @@ def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch, has
     if (len(candidates) == 1 or q.device.type != "cuda" or os.environ.get("QWEN3_KERNELS_AUTOTUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
         return candidates[0]
-    key = (q.device.index, arch, D, q.dtype, _length_bucket(q.shape[1]), _length_bucket(k.shape[1]), causal,
-           q.shape[2] // k.shape[2], has_kv_lens)
+    Tq, Tk = packed_lengths or (q.shape[1], k.shape[1])  # packed sequences: the longest one's length
+    key = (q.device.index, arch, D, q.dtype, _length_bucket(Tq), _length_bucket(Tk), causal,
+           q.shape[2] // k.shape[2], has_kv_lens, packed_lengths is not None)
     if key not in _tuned_fwd:
         import triton.testing
 
@@ -462,7 +508,8 @@ def bwd_configs(arch: int, head_dim: int, dtype: torch.dtype) -> tuple[dict, dic
             return cfg(32, 64, 8, 1), cfg(64, 32, 8, 2)
         if head_dim > 32:
             return cfg(32, 64, 8, 2), cfg(64, 32, 4, 2)
-        return cfg(64, 64, 4, 2), cfg(64, 64, 4, 2)
+        # dK/dV single-buffered: with 2 stages Triton 3.6 spills 56 bytes at D <= 32
+        return cfg(64, 64, 4, 1), cfg(64, 64, 4, 2)
     both = cfg(32, 64, 4 if head_dim <= 64 else 8, 1)
     return both, both
 
@@ -491,56 +538,89 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 @on_tensor_device
-def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None, config: dict | None = None):
+def _batches(q, k, cu_seqlens, max_seqlen) -> tuple[int, int, int]:
+    """(programs' batch count, Tq, Tk) as the kernels see them: with ``cu_seqlens`` one "batch" per
+    packed sequence and ``max_seqlen`` sizing the grid (each program reads its own length)."""
+    if cu_seqlens is None:
+        return q.shape[0], q.shape[1], k.shape[1]
+    return cu_seqlens.shape[0] - 1, max_seqlen, max_seqlen
+
+
+def _strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides; packed sequences index the one batch row by token offset."""
+    return (0 if varlen else x.stride(0)), x.stride(1), x.stride(2)
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    # packed sequences share the one batch row of (1, H, total): a sequence's offset comes from cu_seqlens
+    return (0 if varlen else lse.stride(0)), lse.stride(1)
+
+
+@on_tensor_device
+def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None, config: dict | None = None,
+                      cu_seqlens=None, max_seqlen: int | None = None):
     """Returns (out (B, Tq, H, D), lse (B, H, Tq) fp32, base 2). ``config`` pins the launch config
-    (one of ``fwd_candidates``); by default it is tuned."""
+    (one of ``fwd_candidates``); by default it is tuned. With ``cu_seqlens`` (packed sequences, B =
+    1), ``max_seqlen`` sizes the grid; tiles past a sequence's end exit at once."""
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     B, Tq, H, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
+    Hkv = k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse
+    varlen = cu_seqlens is not None
+    batches, Tq, Tk = _batches(q, k, cu_seqlens, max_seqlen)
+    if out.numel() == 0 or batches == 0 or Tq == 0:
+        return out.zero_(), lse.fill_(float("inf"))
 
     group = H // Hkv
 
     def launch(cfg):
         pack = group if cfg["pack_group"] and can_pack_group(cfg, group) else 1
         meta = {k: v for k, v in cfg.items() if k != "pack_group"}
-        _attn_fwd_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"] // pack), B * (H // pack))](
-            q, k, v, out, lse, kv_lens if kv_lens is not None else q, softmax_scale * LOG2E, Tq, Tk, H, group,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, PACK=pack,
+        _attn_fwd_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"] // pack), batches * (H // pack))](
+            q, k, v, out, lse, kv_lens if kv_lens is not None else q, cu_seqlens if varlen else q,
+            softmax_scale * LOG2E, Tq, Tk, H, group,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+            *_lse_strides(lse, varlen),
+            CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen, HEAD_DIM=D, PACK=pack,
             DOT_PRECISION=_dot_precision(q.dtype), **meta)
 
-    launch(config if config is not None else tuned_fwd_config(q, k, causal, launch, kv_lens is not None))
+    if config is None:
+        config = tuned_fwd_config(q, k, causal, launch, kv_lens is not None, (Tq, Tk) if varlen else None)
+    launch(config)
     return out, lse
 
 
 @on_tensor_device
-def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float, kv_lens=None):
+def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float, kv_lens=None, cu_seqlens=None,
+                       max_seqlen: int | None = None):
     """Returns (dq, dk, dv)."""
     do, q, k, v = _unit_stride(do), _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    B, Tq, H, D = q.shape
-    Tk, Hkv = k.shape[1], k.shape[2]
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if q.numel() == 0 or k.numel() == 0:
+    varlen = cu_seqlens is not None
+    batches, Tq, Tk = _batches(q, k, cu_seqlens, max_seqlen)
+    if q.numel() == 0 or k.numel() == 0 or batches == 0 or Tq == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
-        out, do, delta, Tq, H, *out.stride()[:3], *do.stride()[:3], HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
+    _attn_bwd_delta_kernel[(triton.cdiv(T, DELTA_BLOCK_M), B * H)](  # row-wise: packed rows need no schedule
+        out, do, delta, T, H, *out.stride()[:3], *do.stride()[:3], HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
     dkdv_cfg, dq_cfg = bwd_configs(device_arch(q.device), D, q.dtype)
-    common = dict(CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype))
+    common = dict(CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen, HEAD_DIM=D,
+                  DOT_PRECISION=_dot_precision(q.dtype))
     lens = kv_lens if kv_lens is not None else q
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, dkdv_cfg["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, lens, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H, H // Hkv,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        **common, **dkdv_cfg)
-    _attn_bwd_dq_kernel[(triton.cdiv(Tq, dq_cfg["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, lens, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H, H // Hkv,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], **common, **dq_cfg)
+    sequences = cu_seqlens if varlen else q
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, dkdv_cfg["BLOCK_N"]), batches * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, lens, sequences, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H, H // Hkv,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+        *_strides(dk, varlen), *_strides(dv, varlen), *_lse_strides(lse, varlen), **common, **dkdv_cfg)
+    _attn_bwd_dq_kernel[(triton.cdiv(Tq, dq_cfg["BLOCK_M"]), batches * H)](
+        q, k, v, do, lse, delta, dq, lens, sequences, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H, H // Hkv,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+        *_strides(dq, varlen), *_lse_strides(lse, varlen), **common, **dq_cfg)
     return dq, dk, dv
 
 
@@ -592,12 +672,13 @@ def use_decode_kernel(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 @torch.library.custom_op("qwen3_kernels::flash_attention", mutates_args=())
 def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
-                        causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, causal, softmax_scale, kv_lens)
+                        causal: bool, softmax_scale: float, cu_seqlens: torch.Tensor | None = None,
+                        max_seqlen: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, causal, softmax_scale, kv_lens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 @_flash_attention_op.register_fake
-def _(q, k, v, kv_lens, causal, softmax_scale):
+def _(q, k, v, kv_lens, causal, softmax_scale, cu_seqlens=None, max_seqlen=0):
     B, Tq, H, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, Tq), dtype=torch.float32)
 
@@ -605,26 +686,28 @@ def _(q, k, v, kv_lens, causal, softmax_scale):
 @torch.library.custom_op("qwen3_kernels::flash_attention_backward", mutates_args=())
 def _flash_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  out: torch.Tensor, lse: torch.Tensor, kv_lens: torch.Tensor | None, causal: bool,
-                                 softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(do, q, k, v, out, lse, causal, softmax_scale, kv_lens)
+                                 softmax_scale: float, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, out, lse, causal, softmax_scale, kv_lens, cu_seqlens, max_seqlen)
 
 
 @_flash_attention_backward_op.register_fake
-def _(do, q, k, v, out, lse, kv_lens, causal, softmax_scale):
+def _(do, q, k, v, out, lse, kv_lens, causal, softmax_scale, cu_seqlens=None, max_seqlen=0):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_flash_attention(ctx, inputs, output):
-    q, k, v, kv_lens, causal, softmax_scale = inputs
+    q, k, v, kv_lens, causal, softmax_scale, cu_seqlens, max_seqlen = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_lens)
-    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.save_for_backward(q, k, v, out, lse, kv_lens, cu_seqlens)
+    ctx.causal, ctx.softmax_scale, ctx.max_seqlen = causal, softmax_scale, max_seqlen
 
 
 def _backward_flash_attention(ctx, dout, _dlse):
-    q, k, v, out, lse, kv_lens = ctx.saved_tensors
-    dq, dk, dv = _flash_attention_backward_op(dout, q, k, v, out, lse, kv_lens, ctx.causal, ctx.softmax_scale)
-    return dq, dk, dv, None, None, None
+    q, k, v, out, lse, kv_lens, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _flash_attention_backward_op(dout, q, k, v, out, lse, kv_lens, ctx.causal, ctx.softmax_scale,
+                                              cu_seqlens, ctx.max_seqlen)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _flash_attention_op.register_autograd(_backward_flash_attention, setup_context=_setup_flash_attention)
@@ -645,8 +728,11 @@ _warned_head_dims: set = set()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              softmax_scale: float | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+              softmax_scale: float | None = None, kv_lens: torch.Tensor | None = None,
+              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
     _checks.attention(q, k, v, kv_lens)
+    if cu_seqlens is not None:
+        max_seqlen = _checks.packed_sequences(q, k, kv_lens, cu_seqlens, max_seqlen)
     D = q.shape[-1]
     if D not in HEAD_DIMS:
         from .. import reference
@@ -654,9 +740,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
             _warned_head_dims.add(D)
             logging.getLogger(__name__).warning(
                 "attention: head_dim %d has no Triton kernel (supported: %s); using the reference", D, HEAD_DIMS)
-        return reference.attention(q, k, v, causal, softmax_scale, kv_lens)
+        return reference.attention(q, k, v, causal, softmax_scale, kv_lens, cu_seqlens, max_seqlen)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not needs_grad and use_decode_kernel(q, k):
+    if cu_seqlens is None and not needs_grad and use_decode_kernel(q, k):
         return _decode_attention_op(q, k, v, kv_lens, causal, scale)
-    return _flash_attention_op(q, k, v, kv_lens, causal, scale)[0]
+    return _flash_attention_op(q, k, v, kv_lens, causal, scale, cu_seqlens, max_seqlen or 0)[0]
