@@ -44,14 +44,22 @@ def load_hf(path, dtype=torch.float32, attn="sdpa"):
     return transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).eval()
 
 
+@pytest.fixture
+def triton_everywhere(monkeypatch):
+    """Every op forced through Triton (on the CPU, its interpreter), choices made afresh."""
+    from qwen3_kernels import ops
+    pytest.importorskip("triton")
+    monkeypatch.setattr(ops, "_choices", {})
+    monkeypatch.setenv(ops.BACKEND_ENV, "triton")
+
+
 @pytest.fixture(params=["reference", "triton"])
 def backend(request, monkeypatch):
-    """Every op through the eager reference, then forced through Triton (on the CPU, its interpreter)."""
+    """Every op through the eager reference, then forced through Triton."""
     from qwen3_kernels import ops
     monkeypatch.setattr(ops, "_choices", {})
     if request.param == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv(ops.BACKEND_ENV, "triton")
+        request.getfixturevalue("triton_everywhere")
     return request.param
 
 

@@ -10,7 +10,7 @@ import torch
 from dispatch import IntoCustomOps
 from kernels import KERNEL_DEVICE, needs_triton
 
-from qwen3_kernels import QWEN, Config, ops
+from qwen3_kernels import QWEN, Config
 
 pytestmark = needs_triton
 
@@ -105,12 +105,6 @@ def _decode_step_model(num_layers, batch=2, prompt=5):
     with torch.inference_mode():
         model._forward(torch.randint(0, 97, (batch, prompt), device=KERNEL_DEVICE), cache)
     return model, cache
-
-
-@pytest.fixture
-def triton_everywhere(monkeypatch):
-    monkeypatch.setattr(ops, "_choices", {})
-    monkeypatch.setenv(ops.BACKEND_ENV, "triton")
 
 
 @pytest.mark.skipif(KERNEL_DEVICE != "cpu", reason="the dispatcher count is the CPU's; GPUs use the profiler")

@@ -6,7 +6,7 @@ import torch
 from conftest import TINY, load_hf
 from kernels import KERNEL_DEVICE, needs_triton
 
-from qwen3_kernels import QWEN, ops
+from qwen3_kernels import QWEN
 from qwen3_kernels.loading import local_to_hf
 
 
@@ -49,10 +49,8 @@ def test_num_items_in_batch_divides_the_sum(hf_checkpoint, backend):
 
 
 @needs_triton
-def test_fused_loss_never_builds_logits(hf_checkpoint, monkeypatch):
+def test_fused_loss_never_builds_logits(hf_checkpoint, monkeypatch, triton_everywhere):
     """With fused=True the LM head never runs its (tokens x vocab) matmul."""
-    monkeypatch.setattr(ops, "_choices", {})
-    monkeypatch.setenv(ops.BACKEND_ENV, "triton")
     path, _ = hf_checkpoint(tie=True)
     model = QWEN.from_pretrained(path, fused=True, device=KERNEL_DEVICE)
     calls = []
@@ -75,11 +73,9 @@ def test_bad_labels_are_named(hf_checkpoint):
 
 
 @needs_triton
-def test_compiled_fused_loss_traces_whole_and_matches_eager(hf_checkpoint, monkeypatch):
+def test_compiled_fused_loss_traces_whole_and_matches_eager(hf_checkpoint, triton_everywhere):
     """torch.compile(fullgraph=True) through the loss: the op is one opaque custom op, forward and
     backward, so the graph has no break and the gradients are the eager ones."""
-    monkeypatch.setattr(ops, "_choices", {})
-    monkeypatch.setenv(ops.BACKEND_ENV, "triton")
     torch._dynamo.reset()
     path, _ = hf_checkpoint(tie=True)
     model = QWEN.from_pretrained(path, fused=True, device=KERNEL_DEVICE)

@@ -113,11 +113,9 @@ def test_from_pretrained_packs(hf_checkpoint):
     assert _all_packed(QWEN.from_pretrained(path))
 
 
-def test_packed_model_trains_like_the_reference(monkeypatch):
+def test_packed_model_trains_like_the_reference(triton_everywhere):
     """An optimizer step through packed weights (gradients are views of one packed dW) changes each
     parameter as the reference's separate projections do."""
-    monkeypatch.setattr(ops, "_choices", {})
-    monkeypatch.setenv(ops.BACKEND_ENV, "triton")
     assert ops.choose("packed_linear", DEVICES[0], torch.float32).backend == "triton"
     torch.manual_seed(0)
     model = QWEN(SMALL).to(DEVICES[0])

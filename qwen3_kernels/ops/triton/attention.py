@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import _checks
-from ._common import device_arch, num_sms, on_tensor_device
+from ._common import device_arch, num_sms, on_tensor_device, unit_stride
 
 LOG2E = 1.4426950408889634
 
@@ -533,10 +533,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 @on_tensor_device
 def _batches(q, k, cu_seqlens, max_seqlen) -> tuple[int, int, int]:
     """(programs' batch count, Tq, Tk) as the kernels see them: with ``cu_seqlens`` one "batch" per
@@ -562,7 +558,7 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None,
     """Returns (out (B, Tq, H, D), lse (B, H, Tq) fp32, base 2). ``config`` pins the launch config
     (one of ``fwd_candidates``); by default it is tuned. With ``cu_seqlens`` (packed sequences, B =
     1), ``max_seqlen`` sizes the grid; tiles past a sequence's end exit at once."""
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     B, Tq, H, D = q.shape
     Hkv = k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -595,7 +591,7 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None,
 def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float, kv_lens=None, cu_seqlens=None,
                        max_seqlen: int | None = None):
     """Returns (dq, dk, dv)."""
-    do, q, k, v = _unit_stride(do), _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    do, q, k, v = unit_stride(do), unit_stride(q), unit_stride(k), unit_stride(v)
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -636,7 +632,7 @@ def num_splits(batch: int, kv_heads: int, max_kv_len: int, block_n: int, sms: in
 @on_tensor_device
 def decode_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None):
     """Split-KV attention for few queries over many keys; returns out (B, Tq, H, D)."""
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     group = H // Hkv

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .. import _checks
-from ._common import num_sms, on_tensor_device, warps_for
+from ._common import num_sms, on_tensor_device, unit_stride, warps_for
 
 
 @triton.jit
@@ -150,10 +150,6 @@ def _strides3(x: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if x is None else tuple(x.stride()[:3])
 
 
-def _unit_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 @on_tensor_device
 def rope_forward(x, cos, sin, weight=None, eps=1e-6):
     """Rotary (after a per-head RMSNorm with ``weight``) of one (B, T, H, D) tensor."""
@@ -166,9 +162,9 @@ def qk_norm_rope_forward(q, k, cos, sin, q_weight=None, k_weight=None, eps=1e-6,
     """q and k (which may be None) in one launch; returns (q_out, k_out). With caches, k's result and
     v go into ``k_cache``/``v_cache`` (B, L, Hkv, D) at rows ``positions`` (B, T), and k_out is
     ``k_cache``. Shapes were checked at the public entry points."""
-    q, cos, sin = _unit_stride(q), cos.contiguous(), sin.contiguous()
-    k = None if k is None else _unit_stride(k)
-    v = None if v is None else _unit_stride(v)
+    q, cos, sin = unit_stride(q), cos.contiguous(), sin.contiguous()
+    k = None if k is None else unit_stride(k)
+    v = None if v is None else unit_stride(v)
     B, T, H, D = q.shape
     Hkv = 0 if k is None else k.shape[2]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -189,7 +185,7 @@ def qk_norm_rope_forward(q, k, cos, sin, q_weight=None, k_weight=None, eps=1e-6,
 @on_tensor_device
 def rope_backward(dy, x, cos, sin, weight=None, eps=1e-6):
     """Returns (dx, dweight or None)."""
-    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dy = unit_stride(dy)
     cos, sin = cos.contiguous(), sin.contiguous()
     B, T, H, D = dy.shape
     n_tokens = B * T
