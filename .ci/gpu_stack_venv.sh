@@ -18,4 +18,12 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$PINS" ]; then
   "$VENV/bin/python" -m pip install --quiet $PINS >&2
   echo "$PINS" > "$STAMP"
 fi
+# Test-only packages, added to a built venv without rebuilding it (the torch download is the slow part).
+EXTRAS='peft==0.21.2 accelerate==1.15.0'
+EXTRAS_STAMP="$VENV/.extras"
+if [ ! -f "$EXTRAS_STAMP" ] || [ "$(cat "$EXTRAS_STAMP")" != "$EXTRAS" ]; then
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install --quiet $EXTRAS >&2
+  echo "$EXTRAS" > "$EXTRAS_STAMP"
+fi
 echo "$VENV/bin/python"
