@@ -51,7 +51,8 @@ fi
 status=0
 # Tier 1. The compile gate and the CPU-only logic (config, tokenizer, report formulas) prove nothing new here.
 within_budget 150 "$PYTHON" -m pytest tests/ops tests/test_fused_model.py tests/test_generation.py \
-  tests/test_parity.py tests/test_cli.py tests/test_bad_input.py --ignore=tests/ops/test_aot_compile.py \
+  tests/test_parity.py tests/test_cli.py tests/test_bad_input.py tests/test_loss.py tests/test_packed_batches.py \
+  tests/test_hf.py --ignore=tests/ops/test_aot_compile.py \
   -q -p no:cacheprovider > "$OUT/1-correctness.log" 2>&1
 rc=$?
 say "tier 1 (CUDA correctness): exit $rc after $(( $(date +%s) - START )) s; $(tail -n 1 "$OUT/1-correctness.log")"

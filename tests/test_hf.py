@@ -143,19 +143,24 @@ def test_logits_to_keep_and_num_items_in_batch(backend):
 
 
 def test_trainer_step_with_gradient_accumulation(backend, tmp_path):
-    """One optimiser step over 2 micro-batches: the same logged loss and the same weights (SGD: Adam's
-    first step is sign(gradient), which turns rounding noise in near-zero gradients into whole steps)."""
+    """The README's recipe: Trainer, packed batches from DataCollatorWithFlattening, 2 micro-batches
+    per optimiser step. The same logged loss and the same weights after the step (SGD: Adam's first
+    step is sign(gradient), which turns rounding noise in near-zero gradients into whole steps)."""
     pytest.importorskip("accelerate")
-    ids, labels = _batch(B=4, T=11, seed=7)
-    rows = [{"input_ids": i, "labels": l} for i, l in zip(ids.cpu(), labels.cpu())]
+    g = torch.Generator().manual_seed(7)
+    rows = [{"input_ids": torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist()} for n in (9, 4, 13, 6)]
+    for row in rows:
+        row["labels"] = row["input_ids"]
+    collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
     results = []
     for patched in (False, True):
         model = _model(patched=patched)
+        model.config.use_cache = False  # with a cache, transformers' SDPA path does not look for packed sequences
         args = transformers.TrainingArguments(output_dir=str(tmp_path / str(patched)), per_device_train_batch_size=2,
                                               gradient_accumulation_steps=2, max_steps=1, learning_rate=0.1, optim="sgd",
                                               logging_steps=1, report_to=[], save_strategy="no", use_cpu=not
                                               torch.cuda.is_available(), dataloader_num_workers=0, seed=0)
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        trainer = transformers.Trainer(model, args, collate, rows)
         loss = trainer.train().training_loss
         results.append((loss, {n: p.detach().clone() for n, p in model.named_parameters()}))
     (their_loss, theirs), (my_loss, mine) = results
