@@ -16,12 +16,7 @@ EXAMPLES, LENGTH = 8, 4096
 
 
 def _model(provider: str):
-    c = Config.preset("0.6B")
-    config = transformers.Qwen3Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=c.tie_word_embeddings, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
+    config = transformers.Qwen3Config(**Config.preset("0.6B").to_hf_dict())
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device("cuda"):

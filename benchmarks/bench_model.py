@@ -16,12 +16,7 @@ CPU_CONFIG = Config(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8,
 
 def _hf_twin(model: QWEN):
     """transformers' Qwen3 with exactly our weights."""
-    c = model.config
-    hf_config = transformers.Qwen3Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=c.tie_word_embeddings, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
+    hf_config = transformers.Qwen3Config(**model.config.to_hf_dict())
     hf_config._attn_implementation = "sdpa"
     device, dtype = model.embeddings.weight.device, model.embeddings.weight.dtype
     with torch.device(device):

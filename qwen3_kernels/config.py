@@ -142,6 +142,21 @@ class Config:
             dtype=dtype,
         )
 
+    def to_hf_dict(self) -> dict:
+        """The transformers ``config.json`` of this model (``from_hf_dict``'s inverse), as
+        transformers 5 writes it: ``transformers.Qwen3Config(**config.to_hf_dict())`` builds its twin."""
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        hf = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": self.vocab_size,
+              "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
+              "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+              "head_dim": self.head_dim, "intermediate_size": self.intermediate_size, "hidden_act": "silu",
+              "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
+              "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+              "rope_parameters": rope}
+        if self.dtype is not None:
+            hf["dtype"] = self.dtype
+        return hf
+
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return _DTYPES[self.dtype] if self.dtype else None

@@ -126,7 +126,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 def _sdpa_reason(query, key, value, attention_mask, dropout, sliding_window, kwargs) -> str:
     """Why this call cannot run ``ops.attention`` exactly, or "" when it can."""
     if attention_mask is not None and kwargs.get("cu_seq_lens_q") is None:
-        return "the batch is padded (for the kernels, pack it instead: transformers.DataCollatorWithFlattening)"
+        return ("the batch is padded (or the mask is not plain causal); for the kernels, pack it instead: "
+                "transformers.DataCollatorWithFlattening")
     if dropout:
         return f"attention dropout ({dropout})"
     if sliding_window is not None:

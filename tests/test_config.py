@@ -100,6 +100,20 @@ def test_yarn_frequencies_and_scaling_match_transformers(tmp_path):
     assert scale == pytest.approx(hf_scale) and scale == pytest.approx(0.1 * torch.tensor(4.0).log().item() + 1)
 
 
+@pytest.mark.parametrize("size", ["0.6B", "8B"])
+def test_to_hf_dict_round_trips_and_builds_transformers_twin(size):
+    """config.json out and back in gives the same Config; transformers reads the same model from it."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    for c in (Config.preset(size), Config(**{**vars(Config.preset(size)), "rope_scaling": yarn, "dtype": None})):
+        out = c.to_hf_dict()
+        assert Config.from_hf_dict(json.loads(json.dumps(out))) == c
+        hf_config = transformers.Qwen3Config(**out)
+        assert (hf_config.num_hidden_layers, hf_config.head_dim, hf_config.tie_word_embeddings) == \
+            (c.num_layers, c.head_dim, c.tie_word_embeddings)
+        assert hf_config.rope_parameters["rope_theta"] == c.rope_theta
+        assert hf_config.rope_parameters["rope_type"] == ("yarn" if c.rope_scaling else "default")
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope type 'linear' is not supported"),
     (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope type 'dynamic' is not supported"),
