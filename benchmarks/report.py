@@ -31,6 +31,8 @@ GOALS = [
     ("... time no worse than eager", r"^linear_cross_entropy", None, "vs_eager", 1.0),
     ("... >= 1.2x Liger's speed", r"^linear_cross_entropy", None, "vs_liger", 1.2),
     ("... at no more memory than Liger", r"^linear_cross_entropy", None, "mem_vs_liger", 1.0),
+    ("qwen3-kernels train step >= 1.5x transformers' tokens/s", r"^train step$", None, "vs_transformers", 1.5),
+    ("... at <= 50% of transformers' peak memory", r"^train step$", None, "mem_vs_transformers", 2.0),
     ("CPU prefill >= 1.0x transformers", r"^model prefill \(cpu\)$", None, "vs_transformers", 1.0),
     ("CPU cached decode >= 1.0x transformers", r"^model decode \(cpu\)$", None, "vs_transformers", 1.0),
 ]

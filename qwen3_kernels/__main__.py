@@ -3,7 +3,9 @@
 Bare: build Qwen3 (0.6B random weights, or ``--model DIR``), show what it is and which
 implementation each op uses here, and time one forward pass.
 ``generate --model DIR --prompt TEXT``: stream a completion, then prefill and decode tokens/s.
-``chat --model DIR``: an interactive multi-turn chat on stdin."""
+``chat --model DIR``: an interactive multi-turn chat on stdin.
+``train --model DIR --data FILE.jsonl --out DIR``: fine-tune (FSDP2; ``torchrun ... -m qwen3_kernels
+train`` for several GPUs)."""
 
 from __future__ import annotations
 
@@ -87,10 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     _common(chat, model_required=True)
     chat.add_argument("--system", help="a system message to start the conversation with")
     _sampling(chat)
+    from .train import add_arguments
+    add_arguments(sub.add_parser("train", help="fine-tune on JSONL data (FSDP2; under torchrun on several GPUs)"))
     return p
 
 
-COMMANDS = ("generate", "chat")
+COMMANDS = ("generate", "chat", "train")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "chat":
             return _chat(args)
+        if args.command == "train":
+            from .train import run
+            return run(args)
         return _demo(args)
-    except (FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError, MemoryError) as e:
+    except (FileNotFoundError, PermissionError, ValueError, KeyError, TypeError, RuntimeError, MemoryError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
         return 1

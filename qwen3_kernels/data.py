@@ -1,14 +1,78 @@
-"""Training batches without padding: examples packed back to back into one row, each attending only
-to itself (``QWEN.forward(..., position_ids=...)`` or ``cu_seqlens=...``), in the layout
-transformers' ``DataCollatorWithFlattening`` produces."""
+"""Training data: fine-tuning examples read from JSONL, and batches without padding: examples packed
+back to back into one row, each attending only to itself (``QWEN.forward(..., position_ids=...)`` or
+``cu_seqlens=...``), in the layout transformers' ``DataCollatorWithFlattening`` produces."""
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
 from .model import IGNORE_INDEX
+
+
+class Examples(NamedTuple):
+    """Tokenised fine-tuning examples: ``tokens[i]`` and ``labels[i]`` (-100 where not trained on)."""
+    tokens: list[list[int]]
+    labels: list[list[int]]
+    truncated: int  # how many examples were cut to ``max_len`` tokens
+
+
+def read_jsonl(path: str | os.PathLike, tokenizer, max_len: int) -> Examples:
+    """One example per line: ``{"messages": [{"role": ..., "content": ...}, ...]}`` (Qwen3's chat
+    template; trained on the assistant replies only) or ``{"text": "..."}`` (trained on every token,
+    ``<|endoftext|>`` appended so the model learns where a document ends). Blank lines are skipped;
+    examples longer than ``max_len`` tokens are cut to it (and counted). A line that is not one of
+    these is an error naming the file, the line number and what is wrong with it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"training data {path!r}: no such file")
+    try:
+        end_of_text = [tokenizer.token_to_id("<|endoftext|>")]
+    except KeyError:
+        end_of_text = [tokenizer.eos_token_id]
+    tokens, labels, truncated = [], [], 0
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(example, dict) or ("messages" in example) == ("text" in example):
+                raise ValueError(f"{where}: expected an object with either \"messages\" (a list of {{\"role\", "
+                                 f"\"content\"}}) or \"text\" (a string), got {_abridged(example)}")
+            if "text" in example:
+                if not isinstance(example["text"], str) or not example["text"]:
+                    raise ValueError(f"{where}: \"text\" must be a non-empty string, got {_abridged(example['text'])}")
+                ids = tokenizer.encode(example["text"]) + end_of_text
+                trained = ids
+            else:
+                messages = example["messages"]
+                if not isinstance(messages, list):
+                    raise ValueError(f"{where}: \"messages\" must be a list, got {_abridged(messages)}")
+                try:
+                    ids, trained = tokenizer.encode_chat(messages)
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
+                if all(t == IGNORE_INDEX for t in trained):
+                    raise ValueError(f"{where}: no assistant message, so nothing to train on")
+            if len(ids) > max_len:
+                ids, trained, truncated = ids[:max_len], trained[:max_len], truncated + 1
+            tokens.append(ids)
+            labels.append(trained)
+    if not tokens:
+        raise ValueError(f"training data {path!r} holds no examples")
+    return Examples(tokens, labels, truncated)
+
+
+def _abridged(value, limit: int = 80) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class PackedBatch(NamedTuple):

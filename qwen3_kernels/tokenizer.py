@@ -107,6 +107,21 @@ class Tokenizer:
                             enable_thinking: bool = True) -> str:
         return chat_prompt(messages, add_generation_prompt, enable_thinking)
 
+    def encode_chat(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+        """A whole conversation for fine-tuning: its token ids (``encode(apply_chat_template(messages,
+        add_generation_prompt=False))``) and labels that train on the assistant replies only (-100
+        elsewhere)."""
+        segments = chat_segments(messages, add_generation_prompt=False)
+        reply_chars, start = [], 0
+        for text, is_reply in segments:
+            if is_reply:
+                reply_chars.append((start, start + len(text)))
+            start += len(text)
+        encoding = self._tok.encode("".join(text for text, _ in segments), add_special_tokens=False)
+        # a token belongs to the piece its first character is in (offsets are character positions)
+        in_reply = [any(a <= first < b for a, b in reply_chars) for first, _ in encoding.offsets]
+        return encoding.ids, [i if keep else -100 for i, keep in zip(encoding.ids, in_reply)]
+
     def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens)
 
@@ -135,6 +150,14 @@ def chat_prompt(messages: Sequence[dict], add_generation_prompt: bool = True, en
     ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn; the ``<think>`` part of assistant turns
     before the last user query is dropped; the generation prompt opens an assistant turn, with an
     empty ``<think>\\n\\n</think>\\n\\n`` block when thinking is off."""
+    return "".join(text for text, _ in chat_segments(messages, add_generation_prompt, enable_thinking))
+
+
+def chat_segments(messages: Sequence[dict], add_generation_prompt: bool = True, enable_thinking: bool = True
+                  ) -> list[tuple[str, bool]]:
+    """``chat_prompt`` in pieces ``(text, is_assistant_reply)``: a reply is what an assistant turn
+    says after its ``<|im_start|>assistant\\n`` header, through its ``<|im_end|>`` (what fine-tuning
+    trains on)."""
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
@@ -160,30 +183,30 @@ def chat_prompt(messages: Sequence[dict], add_generation_prompt: bool = True, en
 
     out = []
     if messages[0]["role"] == "system":
-        out.append(f"<|im_start|>system\n{content_of(messages[0])}<|im_end|>\n")
+        out.append((f"<|im_start|>system\n{content_of(messages[0])}<|im_end|>\n", False))
     for i, m in enumerate(messages):
         content, role = content_of(m), m["role"]
         if role == "user" or (role == "system" and i > 0):
-            out.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+            out.append((f"<|im_start|>{role}\n{content}<|im_end|>\n", False))
         elif role == "assistant":
             reasoning = m.get("reasoning_content") if isinstance(m.get("reasoning_content"), str) else ""
             if not isinstance(m.get("reasoning_content"), str) and "</think>" in content:
                 reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
                 content = content.split("</think>")[-1].lstrip("\n")
+            out.append(("<|im_start|>assistant\n", False))
             if i > last_query and (i == len(messages) - 1 or reasoning):
-                out.append(f"<|im_start|>assistant\n<think>\n{reasoning.strip(chr(10))}\n</think>\n\n"
-                           f"{content.lstrip(chr(10))}")
+                out.append((f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}<|im_end|>", True))
             else:
-                out.append(f"<|im_start|>assistant\n{content}")
-            out.append("<|im_end|>\n")
+                out.append((f"{content}<|im_end|>", True))
+            out.append(("\n", False))
         elif role == "tool":
             if i == 0 or messages[i - 1]["role"] != "tool":
-                out.append("<|im_start|>user")
-            out.append(f"\n<tool_response>\n{content}\n</tool_response>")
+                out.append(("<|im_start|>user", False))
+            out.append((f"\n<tool_response>\n{content}\n</tool_response>", False))
             if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
-                out.append("<|im_end|>\n")
+                out.append(("<|im_end|>\n", False))
     if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
+        out.append(("<|im_start|>assistant\n", False))
         if not enable_thinking:
-            out.append("<think>\n\n</think>\n\n")
-    return "".join(out)
+            out.append(("<think>\n\n</think>\n\n", False))
+    return out

@@ -1,0 +1,413 @@
+"""``qwen3-kernels train``: fine-tune a Qwen3 checkpoint on JSONL data with FSDP2.
+
+One process runs it as is; ``torchrun --nproc_per_node N -m qwen3_kernels train ...`` runs it
+data-parallel with the weights, gradients and optimizer state sharded (``fully_shard``: one group per
+block, and the tied embedding + final norm + LM head together in the root group, since a tied
+parameter cannot sit in two groups). NCCL on GPUs, gloo on CPUs.
+
+- The model is built on the meta device, sharded, materialised, and filled from the checkpoint read
+  on rank 0 only (broadcast shard by shard). Weights and optimizer state stay fp32; ``--dtype``
+  (default bf16 on GPUs) is the compute dtype, and gradients are reduced in fp32.
+- Each step sees ``--tokens-per-step`` tokens in micro-batches of ``--micro-batch-tokens``: examples
+  packed padding-free (``qwen3_kernels.data.pack_examples``), shuffled per epoch from ``--seed``, the
+  micro-batches of a step dealt out to the ranks. The loss is the fused linear cross-entropy, summed
+  and divided by the number of counted tokens in the whole step (all micro-batches, all ranks), so
+  the gradient does not depend on how the step is split.
+- AdamW, linear warmup then cosine decay to 0, gradient clipping at ``--max-grad-norm``.
+- In ``--out``: ``metrics.jsonl`` (one line per step), ``loss.png``, ``checkpoints/step_N``
+  (``torch.distributed.checkpoint``, every ``--save-every`` steps, on Ctrl-C and at the end), from
+  which ``--resume`` continues exactly; and at the end the fine-tuned model in transformers' format
+  (config.json, safetensors sharded above 5 GB, tokenizer and generation files copied).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, rope_frequencies
+from .data import pack_examples, read_jsonl
+from .model import IGNORE_INDEX, QWEN
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                 "added_tokens.json", "generation_config.json", "chat_template.jinja")
+MAX_SHARD_BYTES = 5 * 2**30
+# bf16 dense tensor-core peaks (FLOP/s) for the MFU column, by device name
+_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", required=True, help="Hugging Face Qwen3 checkpoint to start from")
+    p.add_argument("--data", metavar="FILE", required=True,
+                   help='JSONL: {"messages": [...]} (trained on assistant replies) or {"text": "..."} per line')
+    p.add_argument("--out", metavar="DIR", required=True, help="metrics, checkpoints and the fine-tuned model")
+    p.add_argument("--steps", type=_positive_int, default=100)
+    p.add_argument("--tokens-per-step", type=_positive_int, default=65536)
+    p.add_argument("--micro-batch-tokens", type=_positive_int, default=None,
+                   help="tokens per forward (default: --tokens-per-step over the ranks); smaller accumulates")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--warmup", type=int, default=0, help="steps of linear warmup before the cosine decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: bfloat16 on GPUs, float32 on CPUs)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="the Triton kernels (default: on GPUs)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
+    p.add_argument("--save-every", type=_positive_int, default=None, help="steps between resumable checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    """The whole run, on every rank. Returns the exit code (130 after Ctrl-C)."""
+    _check_paths(args)
+    rank, world, device = _init_distributed(args.device)
+    try:
+        return Trainer(args, rank, world, device).train()
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_paths(args) -> None:
+    """What would fail late, checked before anything is loaded."""
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model!r}: no such checkpoint directory")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise FileNotFoundError(f"--model {args.model!r}: no config.json in it")
+    if not os.path.isfile(args.data):
+        raise FileNotFoundError(f"--data {args.data!r}: no such file")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"--out {args.out!r}: cannot write there ({e.strerror or e})") from None
+
+
+def _init_distributed(device_type: str) -> tuple[int, int, torch.device]:
+    """torchrun's process group, or a one-process group of our own, so one code path serves both."""
+    standalone = {}
+    if "RANK" not in os.environ:  # not under torchrun
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            standalone = dict(init_method=f"tcp://127.0.0.1:{s.getsockname()[1]}", rank=0, world_size=1)
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda, but this torch sees no CUDA device")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, **standalone)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", **standalone)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class Trainer:
+    def __init__(self, args, rank: int, world: int, device: torch.device):
+        from .tokenizer import Tokenizer
+
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        self.dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.config = Config.from_pretrained(args.model)
+        micro = args.micro_batch_tokens or args.tokens_per_step // world
+        if args.tokens_per_step % micro or (args.tokens_per_step // micro) % world:
+            raise ValueError(f"--tokens-per-step {args.tokens_per_step} must be a whole number of micro-batches "
+                             f"(--micro-batch-tokens {micro}) for each of the {world} ranks")
+        self.micro_tokens, self.micro_per_rank = micro, args.tokens_per_step // micro // world
+        self.tokenizer = Tokenizer.from_pretrained(args.model)
+        self.examples = read_jsonl(args.data, self.tokenizer, max_len=min(micro, self.config.max_position_embeddings))
+        self.model = self._build_model()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+                                           weight_decay=args.weight_decay, foreach=True)
+        self.checkpoints = os.path.join(args.out, "checkpoints")
+        self.metrics_file = os.path.join(args.out, "metrics.jsonl")
+        self.step = 0
+        self._stream, self._next_index = self._packed_stream(), 0
+
+    # --- model -------------------------------------------------------------------------------------
+
+    def _build_model(self) -> QWEN:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        fused = self.args.fused if self.args.fused is not None else self.device.type == "cuda"
+        with torch.device("meta"):
+            model = QWEN(self.config, fused=fused)
+        if self.args.activation_checkpointing:
+            from torch.utils.checkpoint import checkpoint
+            for block in model.blocks:  # FSDP's hooks stay on the block's __call__; its forward is recomputed
+                block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)  # embeddings, final norm and the (tied) head: one group
+        model.to_empty(device=self.device)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        full = QWEN.from_pretrained(self.args.model, dtype=torch.float32).state_dict() if self.rank == 0 else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+        model.inv_freq = rope_frequencies(self.config)[0].to(self.device)
+        return model.train()
+
+    # --- data ----------------------------------------------------------------------------------------
+
+    def micro_batches(self, step: int) -> list:
+        """This rank's micro-batches of ``step`` (0-based): the step's micro-batches, dealt round-robin
+        over the ranks. Steps must be asked for in order (a resumed run skips ahead)."""
+        per_step = self.micro_per_rank * self.world
+        first = step * per_step
+        mine = []
+        while self._next_index < first + per_step:
+            index, batch = self._next_index, next(self._stream)
+            self._next_index += 1
+            if index >= first and (index - first) % self.world == self.rank:
+                mine.append(batch)
+        return mine
+
+    def _packed_stream(self):
+        """Micro-batches forever: each epoch the examples in a fresh order drawn from ``--seed``, packed
+        in that order."""
+        epoch = 0
+        while True:
+            g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.examples.tokens), generator=g).tolist()
+            yield from pack_examples((self.examples.tokens[i] for i in order), self.micro_tokens,
+                                     labels=(self.examples.labels[i] for i in order))
+            epoch += 1
+
+    # --- training ------------------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup over ``--warmup`` steps, then cosine decay to 0 at ``--steps`` (1-based steps)."""
+        warmup, total = self.args.warmup, self.args.steps
+        if step <= warmup:
+            return self.args.lr * step / max(warmup, 1)
+        progress = (step - warmup - 1) / max(total - warmup, 1)
+        return self.args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step (``step`` is 1-based); returns its metrics."""
+        start = time.perf_counter()
+        batches = [b.to(self.device) for b in self.micro_batches(step - 1)]
+        counted = torch.zeros((), dtype=torch.float32, device=self.device)
+        for b in batches:  # targets are labels shifted by one, as the model's loss shifts them
+            counted += (b.labels[:, 1:] != IGNORE_INDEX).sum()
+        dist.all_reduce(counted)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for i, b in enumerate(batches):
+            self.model.set_requires_gradient_sync(i == len(batches) - 1)
+            loss = self.model(b.input_ids, labels=b.labels, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen,
+                              num_items_in_batch=counted.clamp(min=1))
+            # FSDP averages gradients over the ranks; the loss is already divided by the whole step's
+            # count, so scale the average back to the sum (gloo has no pre-multiplied sum to ask for)
+            (loss * self.world).backward()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = step  # at once: a Ctrl-C from here on saves this step's weights under its number
+        dist.all_reduce(total)
+        tokens = torch.tensor([sum(b.input_ids.numel() for b in batches)], device=self.device)
+        dist.all_reduce(tokens)
+        seconds = time.perf_counter() - start
+        metrics = {"step": step, "loss": total.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                   "tokens": int(tokens.item()), "tokens_per_s": tokens.item() / seconds}
+        if self.device.type == "cuda":
+            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+            peak = next((f for name, f in _PEAK_FLOPS.items() if name in torch.cuda.get_device_name(self.device)),
+                        None)
+            if peak:
+                params = sum(p.numel() for p in self.model.parameters())
+                metrics["mfu"] = 6 * params * metrics["tokens_per_s"] / (peak * self.world)
+        return metrics
+
+    def train(self) -> int:
+        args = self.args
+        if args.resume:
+            self.load_checkpoint()
+        elif self.rank == 0 and os.path.exists(self.metrics_file):
+            os.remove(self.metrics_file)
+        if self.rank == 0 and self.examples.truncated:
+            print(f"note: {self.examples.truncated} of {len(self.examples.tokens)} examples were longer than "
+                  f"{self.micro_tokens} tokens and were cut", file=sys.stderr)
+        started, first = time.perf_counter(), self.step + 1
+        try:
+            for step in range(self.step + 1, args.steps + 1):
+                metrics = self.train_step(step)
+                if self.rank == 0:
+                    with open(self.metrics_file, "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                    _progress(metrics, args.steps, (time.perf_counter() - started) / (step - first + 1))
+                if args.save_every and step % args.save_every == 0 and step < args.steps:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            if self.rank == 0:
+                print(f"\ninterrupted: saving a checkpoint at step {self.step} (resume with --resume)",
+                      file=sys.stderr)
+            self.save_checkpoint()
+            return 130
+        if self.rank == 0:
+            print(file=sys.stderr)
+        self.save_checkpoint()
+        self.save_pretrained(args.out)
+        if self.rank == 0:
+            plot_loss(self.metrics_file, os.path.join(args.out, "loss.png"))
+            print(f"saved the fine-tuned model and metrics in {args.out}", file=sys.stderr)
+        return 0
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        return {"model": get_model_state_dict(self.model), "optimizer": get_optimizer_state_dict(self.model,
+                                                                                                 self.optimizer),
+                "step": self.step}
+
+    def save_checkpoint(self) -> None:
+        import torch.distributed.checkpoint as dcp
+        dcp.save(self._state(), checkpoint_id=os.path.join(self.checkpoints, f"step_{self.step:07d}"))
+        dist.barrier()
+
+    def load_checkpoint(self) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        found = sorted(d for d in os.listdir(self.checkpoints) if d.startswith("step_")) \
+            if os.path.isdir(self.checkpoints) else []
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.checkpoints!r}")
+        state = self._state()  # torch fills in AdamW's moments first (a zero step) so they can be loaded into
+        dcp.load(state, checkpoint_id=os.path.join(self.checkpoints, found[-1]))
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        self.step = int(state["step"])
+        if self.rank == 0 and os.path.exists(self.metrics_file):
+            with open(self.metrics_file) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= self.step]
+            with open(self.metrics_file, "w") as f:
+                f.writelines(kept)
+        if self.rank == 0:
+            print(f"resumed from {found[-1]}", file=sys.stderr)
+
+    def save_pretrained(self, out: str) -> None:
+        """The model in transformers' format: config.json, safetensors (sharded above 5 GB), tokenizer files."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            save_hf_checkpoint(state, self.config, out, dtype=self.config.torch_dtype or torch.float32)
+            for name in _COPIED_FILES:
+                if os.path.isfile(os.path.join(self.args.model, name)):
+                    shutil.copy2(os.path.join(self.args.model, name), os.path.join(out, name))
+        dist.barrier()
+
+
+def save_hf_checkpoint(state: dict[str, torch.Tensor], config: Config, out: str, dtype: torch.dtype) -> None:
+    """Our state dict written as a transformers Qwen3 checkpoint in ``dtype``."""
+    from safetensors.torch import save_file
+
+    from .loading import local_to_hf
+    tensors = {local_to_hf(name): t.detach().to("cpu", dtype).contiguous() for name, t in state.items()
+               if not (config.tie_word_embeddings and name == "lm_head.weight")}
+    shards, size = [{}], 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({**config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch.")}, f, indent=2)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out, file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _progress(metrics: dict, steps: int, seconds_per_step: float) -> None:
+    eta = int(seconds_per_step * (steps - metrics["step"]))
+    print(f"\rstep {metrics['step']}/{steps}  loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tok/s  "
+          f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", end="", file=sys.stderr, flush=True)
+
+
+def plot_loss(metrics_file: str, png: str, width: int = 640, height: int = 360) -> None:
+    """The loss curve as a PNG (no plotting library needed): the loss per step, axes at the minimum."""
+    with open(metrics_file) as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    with contextlib.suppress(ImportError):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
+        ax.plot(range(1, len(losses) + 1), losses)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        fig.savefig(png)
+        plt.close(fig)
+        return
+    _write_line_png(losses, png, width, height)
+
+
+def _write_line_png(values: list[float], png: str, width: int, height: int) -> None:
+    import struct
+    import zlib
+    margin = 20
+    pixels = [[255] * width for _ in range(height)]
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    for x in range(margin, width - margin):
+        pixels[height - margin][x] = 0
+    for y in range(margin, height - margin + 1):
+        pixels[y][margin] = 0
+
+    def point(i, v):
+        x = margin + (i * (width - 2 * margin - 1)) // max(len(values) - 1, 1)
+        y = height - margin - 1 - int((v - lo) / span * (height - 2 * margin - 2))
+        return x, y
+
+    for (x0, y0), (x1, y1) in zip(map(point, range(len(values)), values),
+                                  list(map(point, range(len(values)), values))[1:] or [point(0, values[0])]):
+        steps = max(abs(x1 - x0), abs(y1 - y0), 1)
+        for t in range(steps + 1):
+            pixels[y0 + (y1 - y0) * t // steps][x0 + (x1 - x0) * t // steps] = 40
+    raw = b"".join(b"\x00" + bytes(row) for row in pixels)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    with open(png, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))

@@ -1,0 +1,188 @@
+"""``qwen3-kernels train`` on the CPU (gloo, a tiny random checkpoint, a few steps): two ranks under
+torchrun against one process, an interrupted-and-resumed run against an uninterrupted one, the output
+against transformers, the loss on memorisable data, and the errors a user can make."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_hf_model, write_tokenizer
+
+from qwen3_kernels import QWEN, train
+from qwen3_kernels.__main__ import main
+
+transformers = pytest.importorskip("transformers")
+
+EXAMPLES = [{"text": "The quick brown fox jumps over the lazy dog."},
+            {"messages": [{"role": "user", "content": "Hello world!"},
+                          {"role": "assistant", "content": "How are you today?"}]},
+            {"text": "héllo wörld, ça va? naïve café"},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"},
+                          {"role": "assistant", "content": "今天天气很好。"}]},
+            {"text": "emoji: 🙂🚀✨ and math: ∑ x² ≤ ∞"}] * 3
+# 4 micro-batches of 32 tokens per step: 4 accumulated in one process, 2 on each of two ranks
+STEPS = ["--tokens-per-step", "128", "--micro-batch-tokens", "32", "--lr", "1e-2", "--warmup", "1", "--seed", "3",
+         "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "qwen3-tiny"
+    tok = write_tokenizer(path)
+    make_hf_model(vocab_size=tok.get_vocab_size(), max_position_embeddings=128).save_pretrained(path)
+    write_tokenizer(path)
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in EXAMPLES))
+    return path
+
+
+def _train(checkpoint, data, out, *extra):
+    return main(["train", "--model", str(checkpoint), "--data", str(data), "--out", str(out), *STEPS, *extra])
+
+
+def _metrics(out):
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+    return load_file(out / "model.safetensors")
+
+
+def test_one_process_writes_metrics_checkpoints_and_a_transformers_model(checkpoint, data, tmp_path):
+    out = tmp_path / "out"
+    assert _train(checkpoint, data, out, "--steps", "3", "--save-every", "2") == 0
+    metrics = _metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert set(metrics[0]) >= {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
+    assert metrics[0]["lr"] == pytest.approx(1e-2) and metrics[-1]["lr"] < metrics[1]["lr"]
+    assert all(m["tokens"] <= 128 and m["loss"] > 0 for m in metrics)
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_0000002", "step_0000003"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json"):
+        assert (out / name).is_file(), name
+    # transformers and QWEN.from_pretrained read the output and agree logit for logit
+    ours = QWEN.from_pretrained(out)
+    theirs = transformers.Qwen3ForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    # and the weights did move
+    start = QWEN.from_pretrained(checkpoint)
+    assert not torch.equal(start.blocks[0].attn.q_proj.weight, ours.blocks[0].attn.q_proj.weight)
+
+
+def test_two_ranks_match_one_process(checkpoint, data, tmp_path):
+    """The same global batch split over two gloo ranks (FSDP2 shards, 2 micro-batches each) gives the
+    losses and final weights of one process accumulating all 4."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _train(checkpoint, data, one, "--steps", "3") == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", port, "-m", "qwen3_kernels", "train", "--model", str(checkpoint), "--data",
+                             str(data), "--out", str(two), "--steps", "3", *STEPS], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(_metrics(one), _metrics(two), strict=True):
+        assert (a["step"], a["tokens"]) == (b["step"], b["tokens"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    mine, theirs = _weights(one), _weights(two)
+    assert set(mine) == set(theirs)
+    for name in mine:
+        # summation order differs (2 ranks x 2 micro-batches); AdamW's first steps divide by tiny
+        # second moments, so 1e-7 gradient noise shows as ~1e-6 in a weight: 1e-3 of one lr step
+        torch.testing.assert_close(theirs[name], mine[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_interrupted_run_resumes_exactly(checkpoint, data, tmp_path, monkeypatch):
+    """Ctrl-C during step 3 saves step 2; --resume then gives the uninterrupted run's losses and weights."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert _train(checkpoint, data, whole, "--steps", "4") == 0
+    original = train.Trainer.train_step
+
+    def ctrl_c_at_step_3(self, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(train.Trainer, "train_step", ctrl_c_at_step_3)
+    assert _train(checkpoint, data, resumed, "--steps", "4") == 130
+    assert os.listdir(resumed / "checkpoints") == ["step_0000002"]
+    monkeypatch.setattr(train.Trainer, "train_step", original)
+    assert _train(checkpoint, data, resumed, "--steps", "4", "--resume") == 0
+    assert [m["loss"] for m in _metrics(resumed)] == pytest.approx([m["loss"] for m in _metrics(whole)], rel=1e-6)
+    for name, weight in _weights(whole).items():
+        torch.testing.assert_close(_weights(resumed)[name], weight, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(checkpoint, data, tmp_path, monkeypatch):
+    """Each block's forward runs again in the backward; losses and weights stay the same."""
+    from qwen3_kernels.model import Block
+    calls, forward = [0], Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, *a, **k: calls.__setitem__(0, calls[0] + 1) or forward(self, *a,
+                                                                                                          **k))
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    assert _train(checkpoint, data, plain, "--steps", "2") == 0
+    plain_calls = calls[0]
+    assert _train(checkpoint, data, recomputed, "--steps", "2", "--activation-checkpointing") == 0
+    assert calls[0] - plain_calls == 2 * plain_calls
+    assert [m["loss"] for m in _metrics(recomputed)] == pytest.approx([m["loss"] for m in _metrics(plain)], rel=1e-6)
+    for name, weight in _weights(plain).items():
+        torch.testing.assert_close(_weights(recomputed)[name], weight, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_bf16_compute_over_fp32_weights(checkpoint, data, tmp_path):
+    """--dtype bfloat16: FSDP2 casts the fp32 weights for compute and reduces gradients in fp32; the
+    losses follow the fp32 run's to bf16 precision and the saved model stays in the checkpoint's fp32."""
+    exact, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    assert _train(checkpoint, data, exact, "--steps", "2") == 0
+    assert _train(checkpoint, data, bf16, "--steps", "2", "--dtype", "bfloat16") == 0
+    assert [m["loss"] for m in _metrics(bf16)] == pytest.approx([m["loss"] for m in _metrics(exact)], rel=2e-2)
+    assert all(w.dtype == torch.float32 for w in _weights(bf16).values())
+
+
+def test_loss_falls_on_memorisable_data(checkpoint, tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"text": "The quick brown fox jumps over the lazy dog."}) + "\n")
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(checkpoint), "--data", str(data), "--out", str(out), "--steps", "25",
+                 "--tokens-per-step", "32", "--lr", "2e-2", "--device", "cpu"]) == 0
+    losses = [m["loss"] for m in _metrics(out)]
+    assert losses[-1] < 0.1 * losses[0], losses
+
+
+@pytest.mark.parametrize("case, message", [
+    ("bad line", r"data.jsonl:2: not valid JSON"),
+    ("no model", r"--model '.*nowhere': no such checkpoint directory"),
+    ("unwritable out", r"--out '.*': cannot write there"),
+    ("uneven split", r"--tokens-per-step 100 must be a whole number of micro-batches \(--micro-batch-tokens 32\)"),
+])
+def test_errors_are_one_line(checkpoint, data, tmp_path, capsys, case, message):
+    model, out, extra = str(checkpoint), tmp_path / "out", []
+    if case == "bad line":
+        data.write_text(json.dumps(EXAMPLES[0]) + "\n" + '{"text": "unclosed\n')
+    elif case == "no model":
+        model = str(tmp_path / "nowhere")
+    elif case == "unwritable out":
+        (tmp_path / "a-file").write_text("")
+        out = tmp_path / "a-file" / "out"
+    else:
+        extra = ["--tokens-per-step", "100", "--micro-batch-tokens", "32"]
+    assert main(["train", "--model", model, "--data", str(data), "--out", str(out), "--device", "cpu", *extra]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert __import__("re").search(message, err[0]), err[0]
