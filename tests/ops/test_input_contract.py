@@ -101,3 +101,19 @@ def test_kv_lens_out_of_range(lens):
     kv_lens = torch.tensor(lens, dtype=torch.int32)
     kind, message, _ = _same_outcome("attention", q, k, k, True, None, kv_lens)
     assert kind is ValueError and "kv_lens must be in [0, Tk=8]" in message
+
+
+def test_kernels_keep_no_reference_to_their_inputs():
+    """A launcher that cached its inputs (a memoised helper taking tensors) would hold every batch's
+    activations alive for the life of the process."""
+    import gc
+    import weakref
+    q, k, v = (rand(1, 5, 2, 16, device=KERNEL_DEVICE, seed=s) for s in range(3))
+    w = rand(16, device=KERNEL_DEVICE, seed=3)
+    cos, sin = rand(5, 16, device=KERNEL_DEVICE, seed=4), rand(5, 16, device=KERNEL_DEVICE, seed=5)
+    seen = [weakref.ref(t) for t in (q, k, v)]
+    out = _triton()["attention"](q, k, v, True, None, None, None, None)
+    out = _triton()["qk_norm_rope"](q, k, w, w, cos, sin, 1e-6)
+    del q, k, v, out
+    gc.collect()
+    assert [r() for r in seen] == [None, None, None]

@@ -42,12 +42,12 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous().view(-1, n)
 
 
-@functools.lru_cache(maxsize=None)
 def unit_stride(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself when its last dim is contiguous (the kernels take every other stride), else a copy."""
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
