@@ -328,7 +328,18 @@ def check(rows: list[dict]) -> list[str]:
                             f"{ARCH[r['arch']]['smem_per_block']} a block may use")
         if r["ctas_per_sm"] < 1:
             problems.append(f"{where}: cannot be resident on an SM")
+        held = HELD_ROWS.get(r["kernel"])
+        if held and r["arch"] >= 90 and "wgmma" in r["mma"]:
+            rows = int(re.search(rf"\b{held}=(\d+)", r["config"]).group(1))
+            if rows < 64 * r["num_warps"] // 4:
+                problems.append(f"{where}: {rows} held rows on {r['num_warps']} warps: a warpgroup's wgmma covers 64 "
+                                "rows of its own, so the warpgroups compute the same products twice")
     return problems
+
+
+# The tile dimension an attention kernel's matrix products are M of (wgmma's row count): its
+# warpgroups split these rows between them.
+HELD_ROWS = {"attn_fwd": "BLOCK_M", "attn_bwd_dq": "BLOCK_M", "attn_bwd_dkdv": "BLOCK_N"}
 
 
 COLUMNS = ("kernel", "dtype", "config", "warps", "stages", "regs", "smem KB", "CTAs/SM", "MMA", "ld.global",

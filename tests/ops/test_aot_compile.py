@@ -44,8 +44,10 @@ def test_every_launched_kernel_compiles_without_spills(gate_runs, arch):
     # bound like the runtime: half-precision attention tiles come in through 16-byte accesses
     fwd = [r for r in rows if r["kernel"] == "attn_fwd" and r["dtype"] == "bfloat16" and "HEAD_DIM=128" in r["config"]]
     assert fwd and all(r["loads"].startswith("16B") for r in fwd)
-    if arch == 90:
-        assert all("wgmma" in r["mma"] for r in fwd)
+    if arch == 90:  # every half-precision attention product at head dim 128 on wgmma (replication: the gate)
+        bwd = [r for r in rows if r["kernel"] in ("attn_bwd_dkdv", "attn_bwd_dq") and r["dtype"] == "bfloat16"
+               and "HEAD_DIM=128" in r["config"]]
+        assert bwd and all("wgmma" in r["mma"] and "mma.sync" not in r["mma"] for r in fwd + bwd)
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -110,6 +110,33 @@ def test_backward_is_deterministic(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_split_backward_equals_the_joint_one(device, packed, monkeypatch):
+    """The dK/dV kernel run as two launches (dV, then dK: sm_90's config at head dim 128) gives the
+    joint launch's gradients exactly: each element is the same sum in the same order."""
+    attn = _attention()
+    q, k, v = _inputs(1, 70, 70, 8, 2, 32, torch.float16, device)
+    dout = rand(1, 70, 8, 32, dtype=torch.float16, device=device, seed=3)
+    packing = dict(cu_seqlens=torch.tensor([0, 33, 70], dtype=torch.int32, device=device), max_seqlen=37) \
+        if packed else {}
+    joint = torch.autograd.grad(attn.attention(q, k, v, **packing), (q, k, v), dout)
+    original = attn.bwd_configs
+
+    def split(*args):
+        dkdv, dq = original(*args)
+        return {**dkdv, "split": True}, dq
+
+    monkeypatch.setattr(attn, "bwd_configs", split)
+    launches = []
+    kernel = attn._attn_bwd_dkdv_kernel
+    monkeypatch.setattr(attn, "_attn_bwd_dkdv_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: lambda *a, **kw: launches.append(kw) or kernel[grid](*a, **kw)})())
+    apart = torch.autograd.grad(attn.attention(q, k, v, **packing), (q, k, v), dout)
+    assert [(kw["WITH_DK"], kw["WITH_DV"]) for kw in launches] == [(False, True), (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(joint, apart))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_non_causal_and_custom_scale(device):
     attn = _attention()
     q, k, v = _inputs(1, 21, 33, 4, 2, 32, torch.float32, device, grad=False)

@@ -164,8 +164,9 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, Tq, H, sob, sot, soh, sdb, sdt, sdh,
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, start, end, offs_m, offs_n,
                 offs_d, col_ok, Tq, shift, qk_scale,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulates dK, dV of one key block over query blocks [start, end). Rows past Tq load as
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
+    """Accumulates dK and/or dV of one key block over query blocks [start, end). Rows past Tq load as
     zeros (dO = 0, delta = 0), so they add nothing even where no mask is applied."""
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
@@ -174,7 +175,6 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, 
         q = tl.load(q_base + rows64[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         do = tl.load(do_base + rows64[:, None] * sdot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_base + rows64, mask=row_ok, other=0.0)
-        delta = tl.load(delta_base + rows64, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
@@ -182,26 +182,29 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, 
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= rows[None, :] + shift)
             p_t = tl.where(visible, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if WITH_DV:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if WITH_DK:
+            delta = tl.load(delta_base + rows64, mask=row_ok, other=0.0)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
-# A one-token sequence would otherwise get its own specialisation (Tq == 1 as a constant), which
-# compiles to a different schedule that spills; training never needs a faster T = 1 backward.
 @triton.jit(do_not_specialize=["Tq", "Tk", "slb", "slh"])
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, CU_SEQLENS, qk_scale, sm_scale, Tq, Tk, H,
                           GROUP, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                           sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, slb, slh,
                           CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
+                          DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr = True, WITH_DV: tl.constexpr = True):
     """For one (batch, KV head, BLOCK_N keys), summed over the GROUP query heads that read it:
     ``P^T = exp2(K Q^T * scale - LSE)``, ``dV = P^T dO``, ``dS^T = P^T * (V dO^T - delta)``,
     ``dK = scale * dS^T Q``. Each program owns its dK/dV rows: deterministic, no atomics. With
-    VARLEN, b is a packed sequence (CU_SEQLENS). LSE and DELTA share one layout (strides slb, slh)."""
+    VARLEN, b is a packed sequence (CU_SEQLENS). LSE and DELTA share one layout (strides slb, slh).
+    WITH_DK / WITH_DV: one launch may compute only one of the two (the split backward recomputes
+    P^T in each, so each holds one accumulator instead of two)."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     n_kv_heads = H // GROUP
@@ -228,8 +231,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, CU_SEQLENS, 
     cols = offs_n.to(tl.int64)[:, None]
     k = tl.load(K + b * skb + kv_head.to(tl.int64) * skh + cols * skt + offs_d[None, :], mask=col_ok[:, None],
                 other=0.0)
-    v = tl.load(V + b * svb + kv_head.to(tl.int64) * svh + cols * svt + offs_d[None, :], mask=col_ok[:, None],
-                other=0.0)
+    v = k
+    if WITH_DK:  # only dK's dP^T = V dO^T reads V
+        v = tl.load(V + b * svb + kv_head.to(tl.int64) * svh + cols * svt + offs_d[None, :], mask=col_ok[:, None],
+                    other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     first_m = 0
@@ -251,15 +256,17 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, CU_SEQLENS, 
         delta_base = DELTA + b * slb + h * slh
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, first_m, unmasked_m,
                              offs_m, offs_n, offs_d, col_ok, Tq, shift, qk_scale,
-                             True, CAUSAL, BLOCK_M, DOT_PRECISION)
+                             True, CAUSAL, BLOCK_M, DOT_PRECISION, WITH_DK, WITH_DV)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, unmasked_m, Tq,
                              offs_m, offs_n, offs_d, col_ok, Tq, shift, qk_scale,
-                             False, CAUSAL, BLOCK_M, DOT_PRECISION)
+                             False, CAUSAL, BLOCK_M, DOT_PRECISION, WITH_DK, WITH_DV)
     store_ok = (offs_n < Tk)[:, None]
-    tl.store(DK + b * sdkb + kv_head.to(tl.int64) * sdkh + cols * sdkt + offs_d[None, :],
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=store_ok)
-    tl.store(DV + b * sdvb + kv_head.to(tl.int64) * sdvh + cols * sdvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=store_ok)
+    if WITH_DK:
+        tl.store(DK + b * sdkb + kv_head.to(tl.int64) * sdkh + cols * sdkt + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=store_ok)
+    if WITH_DV:
+        tl.store(DV + b * sdvb + kv_head.to(tl.int64) * sdvh + cols * sdvt + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=store_ok)
 
 
 @triton.jit
@@ -494,20 +501,25 @@ def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch, has
 def bwd_configs(arch: int, head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
     """(dK/dV config, dQ config). The dK/dV kernel holds BLOCK_N keys and walks BLOCK_M queries; the
     dQ kernel holds BLOCK_M queries and walks BLOCK_N keys. Each is the largest tile that compiles
-    without spills on Triton 3.6 and 3.9 (tests/aot_gate.py); on sm_90 the held tile has 64 rows,
-    so its products run on wgmma."""
-    def cfg(m, n, warps, stages):
-        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+    without spills on Triton 3.6 and 3.9 (tests/aot_gate.py); on sm_90 the held tile has 64 rows
+    per warpgroup, so its products run on wgmma, once. ``split`` in the dK/dV config: dV and dK in
+    two launches."""
+    def cfg(m, n, warps, stages, split=False):
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages, **({"split": True} if split else {}))
 
     if arch == 0 or dtype == torch.float32:
         # a 16 x 16 dK/dV tile of D = 16 on 4 warps spills on sm_80 (ptxas keeps a local array)
         small = cfg(16, 16, 2 if head_dim <= 16 else 4, 1)
         return small, small
     if arch >= 90:
+        # One warpgroup (4 warps) per 64 held rows, so no wgmma runs twice over the same rows. At
+        # D = 128 the dK and dV accumulators do not fit one warpgroup's registers together (every
+        # tile spilled): ``split`` runs dV and dK as two launches of the dK/dV kernel, each
+        # recomputing P^T and holding one accumulator (5 products instead of 4, none replicated).
         if head_dim > 64:
-            return cfg(32, 64, 8, 1), cfg(64, 32, 8, 2)
+            return cfg(32, 64, 4, 1, split=True), cfg(64, 64, 4, 2)
         if head_dim > 32:
-            return cfg(32, 64, 8, 2), cfg(64, 32, 4, 2)
+            return cfg(32, 64, 4, 2), cfg(64, 32, 4, 2)
         # dK/dV single-buffered: with 2 stages Triton 3.6 spills 56 bytes at D <= 32
         return cfg(64, 64, 4, 1), cfg(64, 64, 4, 2)
     both = cfg(32, 64, 4 if head_dim <= 64 else 8, 1)
@@ -520,9 +532,12 @@ def decode_config(arch: int, head_dim: int, dtype: torch.dtype, packed_rows: int
         return dict(BLOCK_M=block_m, BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=block_m, BLOCK_N=16, num_warps=4, num_stages=2)
-    # small heads get 2 warps: a 16 x 64 tile of D <= 32 spread over 4 warps spills on sm_90
+    # Small heads get 2 warps: a 16 x 64 tile of D <= 32 spread over 4 warps spills on sm_90.
+    # 3 stages: the next K and V tiles load while this one is used (2 stages single-buffer them, so
+    # each iteration waits for its own loads); 72 KB of shared memory at D = 128 still leaves 3 CTAs
+    # per SM on sm_90, 2 on sm_80.
     return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4 if head_dim > 32 else 2,
-                num_stages=2)
+                num_stages=3)
 
 
 DELTA_BLOCK_M = 32
@@ -609,10 +624,14 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float
                   DOT_PRECISION=_dot_precision(q.dtype))
     lens = kv_lens if kv_lens is not None else q
     sequences = cu_seqlens if varlen else q
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, dkdv_cfg["BLOCK_N"]), batches * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, lens, sequences, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H, H // Hkv,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-        *_strides(dk, varlen), *_strides(dv, varlen), *_lse_strides(lse, varlen), **common, **dkdv_cfg)
+    dkdv_cfg = dict(dkdv_cfg)
+    parts = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] if dkdv_cfg.pop("split", False) \
+        else [{}]
+    for part in parts:
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, dkdv_cfg["BLOCK_N"]), batches * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, lens, sequences, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H,
+            H // Hkv, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+            *_strides(dk, varlen), *_strides(dv, varlen), *_lse_strides(lse, varlen), **common, **part, **dkdv_cfg)
     _attn_bwd_dq_kernel[(triton.cdiv(Tq, dq_cfg["BLOCK_M"]), batches * H)](
         q, k, v, do, lse, delta, dq, lens, sequences, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H, H // Hkv,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
