@@ -89,9 +89,31 @@ def _parser() -> argparse.ArgumentParser:
     _common(chat, model_required=True)
     chat.add_argument("--system", help="a system message to start the conversation with")
     _sampling(chat)
-    from .train import add_arguments
-    add_arguments(sub.add_parser("train", help="fine-tune on JSONL data (FSDP2; under torchrun on several GPUs)"))
+    _train_arguments(sub.add_parser("train", help="fine-tune on JSONL data (FSDP2; under torchrun on several GPUs)"))
     return p
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", required=True, help="Hugging Face Qwen3 checkpoint to start from")
+    p.add_argument("--data", metavar="FILE", required=True,
+                   help='JSONL: {"messages": [...]} (trained on assistant replies) or {"text": "..."} per line')
+    p.add_argument("--out", metavar="DIR", required=True, help="metrics, checkpoints and the fine-tuned model")
+    p.add_argument("--steps", type=_positive_int, default=100)
+    p.add_argument("--tokens-per-step", type=_positive_int, default=65536)
+    p.add_argument("--micro-batch-tokens", type=_positive_int, default=None,
+                   help="tokens per forward (default: --tokens-per-step over the ranks); smaller accumulates")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--warmup", type=int, default=0, help="steps of linear warmup before the cosine decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: bfloat16 on GPUs, float32 on CPUs)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="the Triton kernels (default: on GPUs)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
+    p.add_argument("--save-every", type=_positive_int, default=None, help="steps between resumable checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
 
 
 COMMANDS = ("generate", "chat", "train")

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .model import IGNORE_INDEX
 
 ATTENTION = "qwen3_kernels"  # the name registered with transformers' AttentionInterface
-IGNORE_INDEX = -100
 _SUPPORTED = "transformers 5.x (tested with 5.17 and 5.24)"
 
 logger = logging.getLogger(__name__)

@@ -40,42 +40,11 @@ from .config import Config, rope_frequencies
 from .data import pack_examples, read_jsonl
 from .model import IGNORE_INDEX, QWEN
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                  "added_tokens.json", "generation_config.json", "chat_template.jinja")
 MAX_SHARD_BYTES = 5 * 2**30
 # bf16 dense tensor-core peaks (FLOP/s) for the MFU column, by device name
 _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", required=True, help="Hugging Face Qwen3 checkpoint to start from")
-    p.add_argument("--data", metavar="FILE", required=True,
-                   help='JSONL: {"messages": [...]} (trained on assistant replies) or {"text": "..."} per line')
-    p.add_argument("--out", metavar="DIR", required=True, help="metrics, checkpoints and the fine-tuned model")
-    p.add_argument("--steps", type=_positive_int, default=100)
-    p.add_argument("--tokens-per-step", type=_positive_int, default=65536)
-    p.add_argument("--micro-batch-tokens", type=_positive_int, default=None,
-                   help="tokens per forward (default: --tokens-per-step over the ranks); smaller accumulates")
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--warmup", type=int, default=0, help="steps of linear warmup before the cosine decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: bfloat16 on GPUs, float32 on CPUs)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="the Triton kernels (default: on GPUs)")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
-    p.add_argument("--save-every", type=_positive_int, default=None, help="steps between resumable checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,7 +99,8 @@ class Trainer:
         from .tokenizer import Tokenizer
 
         self.args, self.rank, self.world, self.device = args, rank, world, device
-        self.dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda"
+                                                                     else torch.float32)
         self.config = Config.from_pretrained(args.model)
         micro = args.micro_batch_tokens or args.tokens_per_step // world
         if args.tokens_per_step % micro or (args.tokens_per_step // micro) % world:
@@ -140,6 +110,7 @@ class Trainer:
         self.tokenizer = Tokenizer.from_pretrained(args.model)
         self.examples = read_jsonl(args.data, self.tokenizer, max_len=min(micro, self.config.max_position_embeddings))
         self.model = self._build_model()
+        self.n_params = sum(p.numel() for p in self.model.parameters())  # for MFU
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                            weight_decay=args.weight_decay, foreach=True)
         self.checkpoints = os.path.join(args.out, "checkpoints")
@@ -244,8 +215,7 @@ class Trainer:
             peak = next((f for name, f in _PEAK_FLOPS.items() if name in torch.cuda.get_device_name(self.device)),
                         None)
             if peak:
-                params = sum(p.numel() for p in self.model.parameters())
-                metrics["mfu"] = 6 * params * metrics["tokens_per_s"] / (peak * self.world)
+                metrics["mfu"] = 6 * self.n_params * metrics["tokens_per_s"] / (peak * self.world)
         return metrics
 
     def train(self) -> int:

@@ -41,12 +41,17 @@ def _check(B, Tq, Tk, H, Hkv, D, dtype, device, grads=True, kv_lens=None):
     assert_within_rule(out, eager, exact.to(out.device), 2, atol(dtype, exact), "out")
     if not grads:
         return
-    dout = rand(B, Tq, H, D, dtype=dtype, device=device, seed=3)
-    grads_ = torch.autograd.grad(out, (q, k, v), dout)
-    grads_eager = torch.autograd.grad(eager, (q, k, v), dout)
+    _assert_grads_within_rule(out, eager, exact, (q, k, v), leaves64)
+
+
+def _assert_grads_within_rule(out, eager, exact, leaves, leaves64):
+    """dq, dk, dv of ``out`` against float64 (``exact`` over ``leaves64``), 3x eager's error."""
+    dout = rand(*out.shape, dtype=out.dtype, device=out.device, seed=3)
+    grads = torch.autograd.grad(out, leaves, dout)
+    grads_eager = torch.autograd.grad(eager, leaves, dout)
     grads64 = torch.autograd.grad(exact, leaves64, dout.double().cpu())
-    for name, g, ge, g64 in zip(("dq", "dk", "dv"), grads_, grads_eager, grads64):
-        assert_within_rule(g, ge, g64.to(g.device), 3, atol(dtype, g64), name)
+    for name, g, ge, g64 in zip(("dq", "dk", "dv"), grads, grads_eager, grads64):
+        assert_within_rule(g, ge, g64.to(g.device), 3, atol(out.dtype, g64), name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -243,12 +248,7 @@ def test_packed_sequences_attend_only_to_themselves(device, dtype, lengths, caus
     exact = torch.cat([float64.attention(*(t[:, a:b] for t in leaves64), causal=causal)
                        for a, b in zip(bounds, bounds[1:])], dim=1)
     assert_within_rule(out, eager, exact.to(out.device), 2, atol(dtype, exact), "out")
-    dout = rand(*out.shape, dtype=dtype, device=device, seed=3)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    grads_eager = torch.autograd.grad(eager, (q, k, v), dout)
-    grads64 = torch.autograd.grad(exact, leaves64, dout.double().cpu())
-    for name, g, ge, g64 in zip(("dq", "dk", "dv"), grads, grads_eager, grads64):
-        assert_within_rule(g, ge, g64.to(g.device), 3, atol(dtype, g64), name)
+    _assert_grads_within_rule(out, eager, exact, (q, k, v), leaves64)
 
 
 @pytest.mark.parametrize("device", DEVICES)
