@@ -91,6 +91,10 @@ def test_prefill(benchmark, peak, provider, S, backward):
         _runs(fn, sets[0], backward)
     run(benchmark, step, sets, op="attention " + ("fwd+bwd" if backward else "fwd"),
         shape=f"{B}x{S}", provider=provider, peak=peak, flops=flops, rounds=10)
+    if provider == "triton":  # which forward tile the autotuner chose here (TMA or cp.async, ...)
+        from qwen3_kernels.ops.triton import attention
+        q, k, v = sets[0][:3]  # tuned during the runs: the cached choice comes back, nothing is launched
+        benchmark.extra_info["forward_config"] = str(attention.tuned_fwd_config(q, k, v, True, launch=None))
 
 
 @pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "flash_attn"])

@@ -48,6 +48,12 @@ def test_every_launched_kernel_compiles_without_spills(gate_runs, arch):
         bwd = [r for r in rows if r["kernel"] in ("attn_bwd_dkdv", "attn_bwd_dq") and r["dtype"] == "bfloat16"
                and "HEAD_DIM=128" in r["config"]]
         assert bwd and all("wgmma" in r["mma"] and "mma.sync" not in r["mma"] for r in fwd + bwd)
+        # the TMA candidates load K/V through the tensor-memory accelerator, with no cp.async left
+        tma = [r for r in fwd if "TMA=1" in r["config"]]
+        assert tma and all(r["tma"] and r["cp_async"] == "-" for r in tma)
+    # the norm backward's tile-plus-tail rows at 16 warps x 64 registers: two CTAs per SM at every size
+    norm_bwd = [r for r in rows if r["kernel"] == "rms_norm_bwd"]
+    assert norm_bwd and all(r["ctas_per_sm"] >= 2 for r in norm_bwd)
 
 
 @pytest.mark.parametrize("arch", ARCHES)

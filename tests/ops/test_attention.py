@@ -221,6 +221,100 @@ def test_group_packed_forward(device, dtype, H, Hkv, Tq, Tk):
     assert_within_rule(out, reference.attention(q, k, v, softmax_scale=0.125), exact, 2, atol(dtype, exact), "out")
 
 
+def _tma_config(attn, device, D, dtype, **extra):
+    """The default forward tile of this device with K/V read through TMA descriptors."""
+    arch = attn.device_arch(torch.device(device))
+    if device == "cuda" and arch < 90:
+        pytest.skip("TMA descriptors are a Hopper (sm_90) feature")
+    base = {**attn.fwd_candidates(arch, D, dtype)[0], **extra}
+    return base, {**base, "tma": True}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["batch", "group-packed", "cache", "packed"])
+def test_tma_forward_equals_the_pointer_forward(device, dtype, case):
+    """The TMA candidates (K/V through tensor descriptors over all batch rows) compute what the
+    cp.async ones do: tiles that run past a sequence read the next sequence's rows or a cache's
+    unwritten (here NaN) slots, and the masks must make those count for nothing."""
+    attn = _attention()
+    H, Hkv, D = 8, 2, 64
+    base, tma = _tma_config(attn, device, D, dtype, **({"pack_group": True} if case == "group-packed" else {}))
+    q, k, v = _inputs(2, 45, 45, H, Hkv, D, dtype, device, grad=False)
+    kwargs, exact = {}, None
+    if case == "cache":  # a 19-token chunk appended to caches of 45 and 30 tokens, NaN past them
+        cache_k = torch.full((2, 64, Hkv, D), float("nan"), dtype=dtype, device=device)
+        cache_v = cache_k.clone()
+        kv_lens = torch.tensor([45, 30], dtype=torch.int32, device=device)
+        for b, n in enumerate(kv_lens.tolist()):
+            cache_k[b, :n], cache_v[b, :n] = k[b, :n], v[b, :n]
+        q, k, v, kwargs = q[:, -19:], cache_k, cache_v, {"kv_lens": kv_lens}
+        exact = torch.cat([float64.attention(*(t[b:b + 1, :n].double().cpu() for t in (q[:, -min(19, n):], k, v)))
+                           for b, n in enumerate(kv_lens.tolist())])
+    elif case == "packed":  # 90 tokens as sequences of 7, 40, 1 and 42
+        q, k, v = (t.reshape(1, 90, *t.shape[2:]) for t in (q, k, v))
+        kwargs = {"cu_seqlens": torch.tensor([0, 7, 47, 48, 90], dtype=torch.int32, device=device), "max_seqlen": 42}
+        bounds = kwargs["cu_seqlens"].tolist()
+        exact = torch.cat([float64.attention(*(t[:, a:b].double().cpu() for t in (q, k, v)))
+                           for a, b in zip(bounds, bounds[1:])], dim=1)
+    out, lse = attn.attention_forward(q, k, v, True, D ** -0.5, config=tma, **kwargs)
+    ref_out, ref_lse = attn.attention_forward(q, k, v, True, D ** -0.5, config=base, **kwargs)
+    assert not out.isnan().any()
+    # the same tiles and sums: equal but for the interpreter's fp32 matmul, which sums a transposed
+    # K operand in another order (1 ulp)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=2e-6 if dtype == torch.float32 else 0)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-6)
+    if exact is None:
+        exact = float64.attention(q.double().cpu(), k.double().cpu(), v.double().cpu())
+    # eager attention multiplies the NaN slots by zero weights: it gets zeros there instead
+    eager = reference.attention(q, k.nan_to_num(0.0), v.nan_to_num(0.0), **kwargs)
+    assert_within_rule(out, eager, exact.to(out.device), 2, atol(dtype, exact), "out")
+
+
+def test_tma_needs_unit_stride_heads_and_aligned_rows():
+    attn = _attention()
+    q, k, v = _inputs(2, 9, 9, 4, 2, 32, torch.float16, "cpu", grad=False)
+    assert attn.can_use_tma(k, v)
+    wide = torch.zeros(2, 9, 2, 40, dtype=torch.float16)
+    assert not attn.can_use_tma(wide[..., :32], v)  # heads 40 apart: the descriptor's columns are not the heads
+    odd = torch.zeros(2, 9 * 2 * 32 + 1, dtype=torch.float16)[:, 1:].view(2, 9, 2, 32)
+    assert not attn.can_use_tma(k, odd)  # base 2 bytes past 16-byte alignment
+    _, tma = _tma_config(attn, "cpu", 32, torch.float16)
+    with pytest.raises(ValueError, match=r"TMA descriptors.*strides \(720, 80, 40, 1\)"):
+        attn.attention_forward(q, wide[..., :32], v, True, 0.2, config=tma)
+
+
+def test_autotune_drops_candidates_that_disagree_or_fail(caplog):
+    """The forward autotuner only lets a candidate win on speed if its output agrees with the
+    default's: a fast candidate computing something else, or one that fails to launch, is dropped
+    and named in a warning."""
+    attn = _attention()
+    out, lse = rand(2, 5, 4, 8, dtype=torch.bfloat16), rand(2, 4, 5, seed=1)
+    ulp = torch.finfo(torch.bfloat16).eps * out.abs().max().item()
+    results = {"default": (out, lse), "wrong": (out + 8 * ulp, lse), "reordered": (out + ulp, lse + 1e-4)}
+    times = {"default": 3.0, "wrong": 1.0, "reordered": 2.0, "broken": 0.5}
+
+    def launch(cfg):
+        if cfg["name"] == "broken":
+            raise RuntimeError("TMA descriptor rejected")
+        return results[cfg["name"]]
+
+    measured = []
+
+    def measure(run):
+        run()
+        measured.append(len(measured))
+        return times[order[len(measured) - 1]]
+
+    order = ["default", "reordered"]  # what gets timed, in order: the others never are
+    candidates = [{"name": n} for n in ("default", "wrong", "broken", "reordered")]
+    assert attn.fastest_agreeing(candidates, launch, measure) == {"name": "reordered"}
+    assert len(measured) == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("dropped {'name': 'wrong'}" in m and "disagrees" in m for m in messages)
+    assert any("dropped {'name': 'broken'}" in m and "TMA descriptor rejected" in m for m in messages)
+
+
 def _packed(lengths, H, Hkv, D, dtype, device):
     total = sum(lengths)
     cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)

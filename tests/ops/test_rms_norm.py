@@ -10,7 +10,8 @@ from qwen3_kernels.ops import reference
 
 pytestmark = needs_triton
 
-SHAPES = [(1, 1024), (3, 5, 1024), (37, 1000), (2, 19, 128), (1, 64), (257, 96)]
+# 96 and 5120 rows run as a tile and a tail tile (64 + 32, 4096 + 1024: Qwen3-14B/32B's hidden size)
+SHAPES = [(1, 1024), (3, 5, 1024), (37, 1000), (2, 19, 128), (1, 64), (257, 96), (2, 3, 5120)]
 
 
 def _kernels():
@@ -43,7 +44,7 @@ def test_rms_norm_forward_and_gradients(device, dtype, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3, 7, 1024), (41, 1000), (1, 1, 64)])
+@pytest.mark.parametrize("shape", [(3, 7, 1024), (41, 1000), (1, 1, 64), (5, 2560)])
 def test_add_rms_norm_forward_and_gradients(device, dtype, shape):
     kernels = _kernels()
     x = rand(*shape, dtype=dtype, device=device).requires_grad_()

@@ -108,17 +108,25 @@ def on_tensor_device(launcher):
     return guarded
 
 
-def row_block(n: int, max_elements: int = 4096) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps) for rows of length ``n``: a whole row per tile, several short rows
+def row_block(n: int, max_elements: int = 4096) -> tuple[int, int, int, int]:
+    """(BLOCK_N, TAIL_N, ROWS, num_warps) for rows of length ``n``: a row is a tile of BLOCK_N
+    columns plus, where it saves registers, a second tile of TAIL_N columns from BLOCK_N on
+    (5120 = 4096 + 1024 rather than one 8192-column tile, 37% of it masked); several short rows
     per program so each program moves a few KB."""
-    block_n = triton.next_power_of_2(n)
-    if block_n > 65536:
+    whole = triton.next_power_of_2(n)
+    if whole > 65536:
         raise ValueError(f"rows of {n} elements are longer than the Triton kernels support (65536)")
-    rows = max(1, min(64, max_elements // block_n))
-    return block_n, rows, warps_for(rows * block_n)
+    block_n = whole if whole == n else whole // 2
+    tail_n = triton.next_power_of_2(n - block_n) if n > block_n else 0
+    if block_n + tail_n == whole:  # a tail as wide as the tile saves nothing
+        block_n, tail_n = whole, 0
+    rows = max(1, min(64, max_elements // whole))
+    return block_n, tail_n, rows, warps_for(rows * (block_n + tail_n))
 
 
 def warps_for(tile: int) -> int:
     """About 8 elements of a tile per thread: enough work per thread to hide memory latency, few
-    enough registers that the backward kernels (several live fp32 tiles) do not spill."""
-    return max(1, min(16, tile // (32 * 8)))
+    enough registers that the backward kernels (several live fp32 tiles) do not spill. A power of
+    two (Triton's requirement), rounded down."""
+    warps = max(1, min(16, tile // (32 * 8)))
+    return 1 << (warps.bit_length() - 1)

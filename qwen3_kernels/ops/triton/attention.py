@@ -19,7 +19,13 @@ import triton.language as tl
 from .. import _checks
 from ._common import device_arch, num_sms, on_tensor_device, unit_stride
 
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,16 +48,22 @@ def _sequence(CU_SEQLENS, b):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start, end, offs_m, offs_n, offs_d,
-               shift, kv_len, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, kv_row, kv_col, start, end, offs_m, offs_n,
+               offs_d, shift, kv_len, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               TMA: tl.constexpr):
     """Online softmax over key blocks [start, end). MASKED blocks apply the length and causal masks;
-    the others lie wholly inside every row's visible range and skip them."""
+    the others lie wholly inside every row's visible range and skip them. With TMA, k_base and v_base
+    are tensor descriptors over (tokens, Hkv * D) and this sequence's key j is row ``kv_row + j``,
+    columns ``kv_col ...``: a masked block may read rows past the sequence (the next sequence's, or
+    a cache's unwritten slots), so its V rows there are zeroed, as the pointer loads' mask does."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < kv_len
         cols64 = cols.to(tl.int64)
-        if MASKED:
+        if TMA:
+            k = k_base.load([kv_row + start_n, kv_col]).T
+        elif MASKED:
             k = tl.load(k_base + cols64[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
         else:
             k = tl.load(k_base + cols64[None, :] * stride_kt + offs_d[:, None])
@@ -66,7 +78,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start, en
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if MASKED:
+        if TMA:
+            v = v_base.load([kv_row + start_n, kv_col])
+            if MASKED:
+                v = tl.where(col_ok[:, None], v, 0.0)
+        elif MASKED:
             v = tl.load(v_base + cols64[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         else:
             v = tl.load(v_base + cols64[:, None] * stride_vt + offs_d[None, :])
@@ -82,13 +98,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, CU_SEQLENS, qk_scale, Tq, Tk, H, 
                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh, slb, slh,
                      CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, TMA: tl.constexpr = False):
     """``O = softmax(Q K^T * scale + mask) V`` for one batch, BLOCK_M query rows; also
     ``LSE = log2(sum(exp2(s)))`` per row. The rows are BLOCK_M // PACK positions of PACK query heads
     that share one KV head (PACK = 1: one head; PACK = GROUP: the whole group, so each K/V tile is
     loaded once for all of them). Key blocks above the diagonal are never loaded, blocks fully below
     it run without a mask, only the diagonal band is masked. With VARLEN, "batch" b is sequence b of
-    the packed tokens (CU_SEQLENS), which attends to itself only; tiles past its end do nothing."""
+    the packed tokens (CU_SEQLENS), which attends to itself only; tiles past its end do nothing.
+    With TMA, K and V are tensor descriptors over all (batch, token) rows (Hopper's TMA loads them)."""
     BLOCK_T: tl.constexpr = BLOCK_M // PACK  # query positions per tile
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -96,12 +113,16 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, CU_SEQLENS, qk_scale, Tq, Tk, H, 
     b = (pid_bh // slots).to(tl.int64)
     slot = pid_bh % slots
     kv_head = ((slot * PACK) // GROUP).to(tl.int64)
+    kv_row = (pid_bh // slots) * Tk  # TMA: the descriptor row of this sequence's first key
     if VARLEN:  # queries and keys are the sequence's own span of the packed tokens
         first, Tq = _sequence(CU_SEQLENS, b)
         Tk = Tq
         Q += first * sqt
-        K += first * skt
-        V += first * svt
+        if TMA:
+            kv_row = first.to(tl.int32)
+        else:
+            K += first * skt
+            V += first * svt
         O += first * sot
         LSE += first
     kv_len = _kv_len(KV_LENS, b, Tk, HAS_KV_LENS)
@@ -116,8 +137,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, CU_SEQLENS, qk_scale, Tq, Tk, H, 
     t64 = t.to(tl.int64)
     q = tl.load(Q + b * sqb + h[:, None] * sqh + t64[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
-    k_base = K + b * skb + kv_head * skh
-    v_base = V + b * svb + kv_head * svh
+    kv_col = ((slot * PACK) // GROUP) * HEAD_DIM
+    if TMA:
+        k_base = K
+        v_base = V
+    else:
+        k_base = K + b * skb + kv_head * skh
+        v_base = V + b * svb + kv_head * svh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -130,10 +156,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, CU_SEQLENS, qk_scale, Tq, Tk, H, 
         unmasked_end = kv_len
     end = tl.where(t0 < Tq, end, 0)  # a tile past a packed sequence's end (VARLEN) loads nothing
     unmasked_end = (tl.minimum(unmasked_end, end) // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, 0, unmasked_end, t, offs_n,
-                               offs_d, shift, kv_len, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, unmasked_end, end, t, offs_n,
-                               offs_d, shift, kv_len, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, kv_row, kv_col, 0, unmasked_end, t,
+                               offs_n, offs_d, shift, kv_len, qk_scale, False, CAUSAL, BLOCK_N, DOT_PRECISION, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, kv_row, kv_col, unmasked_end, end, t,
+                               offs_n, offs_d, shift, kv_len, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION, TMA)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -384,8 +410,8 @@ def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, KV_LENS, qk_scale, Tq, Tk, GR
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     start = split * split_size
     end = tl.minimum(start + split_size, kv_len)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, start, end, t, offs_n, offs_d,
-                               shift, kv_len, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, 0, 0, start, end, t, offs_n, offs_d,
+                               shift, kv_len, qk_scale, True, CAUSAL, BLOCK_N, DOT_PRECISION, False)
     empty = l_i == 0.0
     part = ((b * n_kv_heads + kv_head) * n_splits + split) * BLOCK_M + rows
     tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc / tl.where(empty, 1.0, l_i)[:, None])
@@ -426,10 +452,13 @@ HEAD_DIMS = (16, 32, 64, 128)
 
 def fwd_candidates(arch: int, head_dim: int, dtype: torch.dtype) -> list[dict]:
     """The forward autotune set, default first. ``pack_group`` entries put all query heads of a KV
-    group in one tile (used when the group size is a power of two). Every entry is compiled for
-    sm_80 and sm_90a and checked for spills by tests/aot_gate.py."""
-    def cfg(m, n, warps, stages, pack_group=False):
-        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages, pack_group=pack_group)
+    group in one tile (used when the group size is a power of two); ``tma`` entries read K and V
+    through Hopper's tensor-memory accelerator (host-side descriptors) instead of cp.async, where
+    ``can_use_tma`` allows. Every entry is compiled for sm_80 and sm_90a and checked for spills by
+    tests/aot_gate.py."""
+    def cfg(m, n, warps, stages, pack_group=False, tma=False):
+        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages, pack_group=pack_group,
+                    **({"tma": True} if tma else {}))
 
     if arch == 0:
         return [cfg(16, 16, 4, 1)]
@@ -437,10 +466,16 @@ def fwd_candidates(arch: int, head_dim: int, dtype: torch.dtype) -> list[dict]:
         return [cfg(32 if head_dim <= 64 else 16, 16, 4, 2)]
     if arch >= 90:
         # D = 128: a warpgroup's wgmma covers 64 rows, so 8 warps need >= 128 rows (64-row tiles on 8
-        # warps compute their first product twice) and 4-warp 128-row tiles spill.
+        # warps compute their first product twice) and 4-warp 128-row tiles spill. The TMA tiles
+        # hold 11-15 fewer registers than their cp.async twins (no per-thread K/V addresses).
         if head_dim > 64:
             return [cfg(128, 64, 8, 3), cfg(128, 64, 8, 2), cfg(128, 128, 8, 2), cfg(128, 128, 8, 3),
-                    cfg(64, 64, 4, 3), cfg(128, 64, 8, 3, True)]
+                    cfg(64, 64, 4, 3), cfg(128, 64, 8, 3, True),
+                    cfg(128, 64, 8, 3, tma=True), cfg(128, 128, 8, 2, tma=True), cfg(128, 64, 8, 3, True, tma=True)]
+        if head_dim > 32:
+            return [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 4), cfg(64, 32, 4, 3),
+                    cfg(128, 64, 4, 3, True), cfg(128, 64, 4, 3, tma=True), cfg(128, 128, 8, 3, tma=True)]
+        # no Qwen3 has heads this small (the tests do): no TMA variants to compile
         return [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 4), cfg(64, 32, 4, 3),
                 cfg(128, 64, 4, 3, True)]
     # sm_80: bound as a launch binds them (16-byte aligned, vectorised), 128 x 64 tiles at D = 128
@@ -469,21 +504,24 @@ def _length_bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 16384)
 
 
-def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch, has_kv_lens: bool = False,
-                     packed_lengths: tuple[int, int] | None = None) -> dict:
+def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, launch,
+                     has_kv_lens: bool = False, packed_lengths: tuple[int, int] | None = None) -> dict:
     """The fastest forward config for this (arch, length buckets, head_dim, dtype, causal, GQA group,
-    per-sequence lengths or not, packed sequences or not), measured once with ``launch(cfg)``: the median of ~100 ms of
-    CUDA-event-timed runs per candidate, so candidates a few percent apart still rank right at 16k.
-    The default config is used where measuring is impossible or unwanted: the interpreter,
-    CUDA-graph capture, or ``QWEN3_KERNELS_AUTOTUNE=0`` (how tests pin one config)."""
+    per-sequence lengths or not, packed sequences or not, TMA-able K/V or not), measured once with
+    ``launch(cfg)``: the median of ~100 ms of CUDA-event-timed runs per candidate, so candidates a
+    few percent apart still rank right at 16k. A candidate only competes if its output agrees with
+    the default's (``fastest_agreeing``). The default config is used where measuring is impossible
+    or unwanted: the interpreter, CUDA-graph capture, or ``QWEN3_KERNELS_AUTOTUNE=0`` (how tests pin
+    one config)."""
     arch, D = device_arch(q.device), q.shape[-1]
     candidates = fwd_candidates(arch, D, q.dtype)
     if (len(candidates) == 1 or q.device.type != "cuda" or os.environ.get("QWEN3_KERNELS_AUTOTUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
         return candidates[0]
     Tq, Tk = packed_lengths or (q.shape[1], k.shape[1])  # packed sequences: the longest one's length
+    tma = can_use_tma(k, v)
     key = (q.device.index, arch, D, q.dtype, _length_bucket(Tq), _length_bucket(Tk), causal,
-           q.shape[2] // k.shape[2], has_kv_lens, packed_lengths is not None)
+           q.shape[2] // k.shape[2], has_kv_lens, packed_lengths is not None, tma)
     if key not in _tuned_fwd:
         import triton.testing
 
@@ -491,11 +529,42 @@ def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, causal: bool, launch, has
         limit = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
         group = q.shape[2] // k.shape[2]
         fitting = [c for c in candidates if _fits_shared_memory(c, D, q.element_size(), limit)
-                   and (not c["pack_group"] or can_pack_group(c, group))] or candidates[:1]
-        times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=25, rep=100, return_mode="median")
-                 for c in fitting]
-        _tuned_fwd[key] = fitting[min(range(len(times)), key=times.__getitem__)]
+                   and (not c["pack_group"] or can_pack_group(c, group)) and (tma or not c.get("tma"))]
+        _tuned_fwd[key] = fastest_agreeing(
+            fitting or candidates[:1], launch,
+            lambda run: triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median"))
     return _tuned_fwd[key]
+
+
+def fastest_agreeing(candidates: list[dict], launch, measure) -> dict:
+    """The candidate with the least ``measure(lambda: launch(cfg))`` among those whose (out, lse)
+    agree with the first candidate's: a config that fails to launch or computes something else on
+    this GPU (a TMA descriptor the hardware reads otherwise than the compiler assumed, say) is
+    dropped with a warning instead of winning on speed. Agreement allows what another tiling's
+    summation order changes: 4 units in the last place of the output dtype relative to the
+    output's largest value (at least 1), 1e-3 on the (fp32, base-2) log-sum-exp, and the same
+    non-finite entries."""
+    ref_out, ref_lse = (t.clone() for t in launch(candidates[0]))
+    scale = ref_out.abs().amax().float().clamp_min(1.0).item()
+    tol_out = 4 * torch.finfo(ref_out.dtype).eps * scale
+    best, best_time = candidates[0], measure(lambda: launch(candidates[0]))
+    for cfg in candidates[1:]:
+        try:
+            out, lse = launch(cfg)
+            agrees = (torch.allclose(out, ref_out, rtol=0, atol=tol_out, equal_nan=True)
+                      and torch.allclose(lse, ref_lse, rtol=1e-3, atol=1e-3, equal_nan=True))
+            elapsed = measure(lambda cfg=cfg: launch(cfg)) if agrees else None
+        except Exception as error:  # noqa: BLE001 - any failure drops the candidate, the reason is logged
+            log.warning("attention forward autotune: dropped %s, it failed on this GPU: %s", cfg, error)
+            continue
+        if not agrees:
+            log.warning("attention forward autotune: dropped %s, its output disagrees with %s's "
+                        "(max |difference| %.3g, allowed %.3g)", cfg, candidates[0],
+                        (out.float() - ref_out.float()).abs().nan_to_num(float("inf")).amax().item(), tol_out)
+            continue
+        if elapsed < best_time:
+            best, best_time = cfg, elapsed
+    return best
 
 
 def bwd_configs(arch: int, head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
@@ -543,6 +612,25 @@ def decode_config(arch: int, head_dim: int, dtype: torch.dtype, packed_rows: int
 DELTA_BLOCK_M = 32
 
 
+def can_use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether K and V can be read through 2-D TMA descriptors over (batch x token, Hkv x D): heads
+    of D unit-stride elements back to back, batches one token stride apart, and the 16-byte
+    alignment TMA needs of the base and the row stride."""
+    if TensorDescriptor is None:
+        return False
+    for x in (k, v):
+        B, T, Hkv, D = x.shape
+        if (x.stride(3) != 1 or (Hkv > 1 and x.stride(2) != D) or (B > 1 and x.stride(0) != T * x.stride(1))
+                or x.data_ptr() % 16 or (x.stride(1) * x.element_size()) % 16):
+            return False
+    return True
+
+
+def _kv_descriptor(x: torch.Tensor, block_n: int):
+    B, T, Hkv, D = x.shape
+    return TensorDescriptor(x, shape=[B * T, Hkv * D], strides=[x.stride(1), 1], block_shape=[block_n, D])
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not silently run as TF32: the result would be ~1e-3 off eager fp32.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -587,19 +675,26 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None,
 
     def launch(cfg):
         pack = group if cfg["pack_group"] and can_pack_group(cfg, group) else 1
-        meta = {k: v for k, v in cfg.items() if k != "pack_group"}
+        meta = {k: v for k, v in cfg.items() if k not in ("pack_group", "tma")}
+        keys, values = k, v
+        if cfg.get("tma"):
+            if not can_use_tma(k, v):
+                raise ValueError(f"config {cfg} loads K/V through TMA descriptors, which need unit-stride heads of "
+                                 f"D elements, (batch, token) rows one stride apart and 16-byte alignment; "
+                                 f"got k {tuple(k.shape)} strides {k.stride()}, v strides {v.stride()}")
+            keys, values = _kv_descriptor(k, cfg["BLOCK_N"]), _kv_descriptor(v, cfg["BLOCK_N"])
         _attn_fwd_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"] // pack), batches * (H // pack))](
-            q, k, v, out, lse, kv_lens if kv_lens is not None else q, cu_seqlens if varlen else q,
+            q, keys, values, out, lse, kv_lens if kv_lens is not None else q, cu_seqlens if varlen else q,
             softmax_scale * LOG2E, Tq, Tk, H, group,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
             *_lse_strides(lse, varlen),
             CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen, HEAD_DIM=D, PACK=pack,
-            DOT_PRECISION=_dot_precision(q.dtype), **meta)
+            DOT_PRECISION=_dot_precision(q.dtype), TMA=bool(cfg.get("tma")), **meta)
+        return out, lse
 
     if config is None:
-        config = tuned_fwd_config(q, k, causal, launch, kv_lens is not None, (Tq, Tk) if varlen else None)
-    launch(config)
-    return out, lse
+        config = tuned_fwd_config(q, k, v, causal, launch, kv_lens is not None, (Tq, Tk) if varlen else None)
+    return launch(config)
 
 
 @on_tensor_device
@@ -753,7 +848,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         from .. import reference
         if D not in _warned_head_dims:
             _warned_head_dims.add(D)
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "attention: head_dim %d has no Triton kernel (supported: %s); using the reference", D, HEAD_DIMS)
         return reference.attention(q, k, v, causal, softmax_scale, kv_lens, cu_seqlens, max_seqlen)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)

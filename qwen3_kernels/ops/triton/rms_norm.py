@@ -11,58 +11,115 @@ from ._common import as_rows, num_sms, on_tensor_device, row_block
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(X, R, W, Y, S, RSTD, stride_x, stride_r, stride_y, stride_s, n_rows, N, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
-    """ROWS rows per program. With HAS_RESIDUAL, ``s = x + r`` (rounded to x's dtype) is stored and
-    normalised instead of x.  ``rstd = 1 / sqrt(mean(s^2) + eps)`` in fp32,
-    ``y = w * (s * rstd).to(x.dtype)`` — transformers' rounding order."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < N)[None, :]
-    rows = rows.to(tl.int64)
+def _summed_tile(X, R, S, rows, stride_x, stride_r, stride_s, cols, mask, HAS_RESIDUAL: tl.constexpr):
+    """x's tile, or with HAS_RESIDUAL ``s = x + r`` (rounded to x's dtype as torch does), stored to S."""
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # torch's rounding of a half-precision add
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(S + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
-    h = x.to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(h * h, axis=1) / N + eps)
-    normed = (h * rstd[:, None]).to(x.dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_normed_tile(Y, W, x, rstd, rows, stride_y, cols, mask, N):
+    normed = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
     w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], (normed * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(X, R, W, Y, S, RSTD, stride_x, stride_r, stride_y, stride_s, n_rows, N, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr,
+                         ROWS: tl.constexpr):
+    """ROWS rows per program. With HAS_RESIDUAL, ``s = x + r`` (rounded to x's dtype) is stored and
+    normalised instead of x.  ``rstd = 1 / sqrt(mean(s^2) + eps)`` in fp32,
+    ``y = w * (s * rstd).to(x.dtype)`` — transformers' rounding order. A row is a tile of BLOCK_N
+    columns and, with TAIL_N > 0, a tile of TAIL_N columns after it."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    rows = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    x = _summed_tile(X, R, S, rows, stride_x, stride_r, stride_s, cols, mask, HAS_RESIDUAL)
+    sum_sq = tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+    if TAIL_N > 0:
+        tail_cols = BLOCK_N + tl.arange(0, TAIL_N)
+        tail_mask = row_ok[:, None] & (tail_cols < N)[None, :]
+        tail = _summed_tile(X, R, S, rows, stride_x, stride_r, stride_s, tail_cols, tail_mask, HAS_RESIDUAL)
+        sum_sq += tl.sum(tail.to(tl.float32) * tail.to(tl.float32), axis=1)
+    rstd = tl.math.rsqrt(sum_sq / N + eps)
+    _store_normed_tile(Y, W, x, rstd, rows, stride_y, cols, mask, N)
+    if TAIL_N > 0:
+        _store_normed_tile(Y, W, tail, rstd, rows, stride_y, tail_cols, tail_mask, N)
     tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _bwd_tile(X, DY, W, rows, stride_x, stride_dy, cols, col_ok, mask, w, rstd, LOAD_W: tl.constexpr):
+    """(x, dy, n = x * rstd, dn = dy * w) of one tile, the last three in fp32; with LOAD_W, w is
+    read here rather than passed in."""
+    if LOAD_W:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x, dy, x.to(tl.float32) * rstd[:, None], dy * w[None, :]
+
+
+@triton.jit
+def _store_dx_tile(DX, DS, rows, stride_dx, stride_ds, cols, mask, n, dn, mean, rstd, HAS_DS: tl.constexpr):
+    dx = (dn - n * mean[:, None]) * rstd[:, None]
+    if HAS_DS:
+        dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW_PARTIAL, stride_dy, stride_x, stride_ds, stride_dx,
                          n_rows, N, rows_per_program,
-                         HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+                         HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, ROWS: tl.constexpr):
     """With ``n = x * rstd``: ``dx = rstd * (dy*w - n * mean(dy*w*n))`` (+ ``ds``, the gradient that
     reaches the residual sum directly). Each program sums ``dy * n`` over its rows into one row of
-    DW_PARTIAL; the launcher adds those rows up, so dW is deterministic (no atomics)."""
+    DW_PARTIAL; the launcher adds those rows up, so dW is deterministic (no atomics). A row is a
+    tile of BLOCK_N columns and, with TAIL_N > 0, a tile of TAIL_N columns after it."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if TAIL_N > 0:
+        tail_cols = BLOCK_N + tl.arange(0, TAIL_N)
+        tail_ok = tail_cols < N
+        tail_dw = tl.zeros((TAIL_N,), dtype=tl.float32)
+        w = 0.0
+    else:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     first = pid.to(tl.int64) * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
+    # With a tail tile, w is re-read per row (an L1 hit): held across rows too, the tiles spill at 16 warps
+    # and 64 registers (2 CTAs per SM).
     for start in range(first, last, ROWS):
         rows = start + tl.arange(0, ROWS)
         row_ok = rows < last
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-        n = x.to(tl.float32) * rstd[:, None]
-        dn = dy * w[None, :]
-        dx = (dn - n * (tl.sum(dn * n, axis=1) / N)[:, None]) * rstd[:, None]
-        if HAS_DS:
-            dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        mask = row_ok[:, None] & col_ok[None, :]
+        x, dy, n, dn = _bwd_tile(X, DY, W, rows, stride_x, stride_dy, cols, col_ok, mask, w, rstd,
+                                 TAIL_N > 0)
+        dot = tl.sum(dn * n, axis=1)
+        if TAIL_N > 0:
+            tail_mask = row_ok[:, None] & tail_ok[None, :]
+            tail_x, tail_dy, tail_n, tail_dn = _bwd_tile(X, DY, W, rows, stride_x, stride_dy, tail_cols,
+                                                         tail_ok, tail_mask, 0.0, rstd, True)
+            dot += tl.sum(tail_dn * tail_n, axis=1)
+        mean = dot / N
+        _store_dx_tile(DX, DS, rows, stride_dx, stride_ds, cols, mask, n, dn, mean, rstd, HAS_DS)
         dw += tl.sum(dy * n.to(x.dtype).to(tl.float32), axis=0)
+        if TAIL_N > 0:
+            _store_dx_tile(DX, DS, rows, stride_dx, stride_ds, tail_cols, tail_mask, tail_n, tail_dn, mean, rstd,
+                           HAS_DS)
+            tail_dw += tl.sum(tail_dy * tail_n.to(tail_x.dtype).to(tl.float32), axis=0)
     tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=col_ok)
+    if TAIL_N > 0:
+        tl.store(DW_PARTIAL + pid.to(tl.int64) * N + tail_cols, tail_dw, mask=tail_ok)
 
 
 @on_tensor_device
@@ -81,10 +138,10 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, residual
         r2, summed, s2 = x2, None, y2  # unused by the kernel when HAS_RESIDUAL is False
     if n_rows == 0:
         return y, summed, rstd
-    block_n, rows, num_warps = row_block(N)
+    block_n, tail_n, rows, num_warps = row_block(N)
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
         x2, r2, weight, y2, s2, rstd, x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0), n_rows, N, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, ROWS=rows, num_warps=num_warps)
+        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, TAIL_N=tail_n, ROWS=rows, num_warps=num_warps)
     return y, summed, rstd
 
 
@@ -99,7 +156,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     ds2 = as_rows(d_summed) if d_summed is not None else dy2
     # half the forward's tile: the backward keeps more fp32 tiles live, and 4096-element tiles on 16
     # warps spill on Triton 3.6 (sm_90) and fit only one CTA per SM; 2048 fit two to three
-    block_n, rows, num_warps = row_block(N, max_elements=2048)
+    block_n, tail_n, rows, num_warps = row_block(N, max_elements=2048)
     programs = max(1, min(triton.cdiv(n_rows, rows), 4 * num_sms(x.device)))
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
     programs = max(1, triton.cdiv(n_rows, rows_per_program))
@@ -107,7 +164,8 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     _rms_norm_bwd_kernel[(programs,)](
         dy2, x2, weight, rstd, ds2, dx2, dw_partial, dy2.stride(0), x2.stride(0), ds2.stride(0), dx2.stride(0),
         n_rows, N, rows_per_program,
-        HAS_DS=d_summed is not None, BLOCK_N=block_n, ROWS=rows, num_warps=num_warps)
+        HAS_DS=d_summed is not None, BLOCK_N=block_n, TAIL_N=tail_n, ROWS=rows, num_warps=num_warps,
+        **({"maxnreg": 64} if num_warps == 16 else {}))  # 16 warps x 64 registers: 2 CTAs per SM
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 
