@@ -44,6 +44,9 @@ def test_every_launched_kernel_compiles_without_spills(gate_runs, arch):
     # bound like the runtime: half-precision attention tiles come in through 16-byte accesses
     fwd = [r for r in rows if r["kernel"] == "attn_fwd" and r["dtype"] == "bfloat16" and "HEAD_DIM=128" in r["config"]]
     assert fwd and all(r["loads"].startswith("16B") for r in fwd)
+    # and the RoPE kernels' half-head tiles too (warps sized on the half head)
+    rope = [r for r in rows if r["kernel"] in ("rope_fwd", "rope_bwd") and r["dtype"] == "bfloat16"]
+    assert rope and all(r["loads"].startswith("16B") and r["stores"].startswith("16B") for r in rope)
     if arch == 90:  # every half-precision attention product at head dim 128 on wgmma (replication: the gate)
         bwd = [r for r in rows if r["kernel"] in ("attn_bwd_dkdv", "attn_bwd_dq") and r["dtype"] == "bfloat16"
                and "HEAD_DIM=128" in r["config"]]
@@ -51,9 +54,11 @@ def test_every_launched_kernel_compiles_without_spills(gate_runs, arch):
         # the TMA candidates load K/V through the tensor-memory accelerator, with no cp.async left
         tma = [r for r in fwd if "TMA=1" in r["config"]]
         assert tma and all(r["tma"] and r["cp_async"] == "-" for r in tma)
-    # the norm backward's tile-plus-tail rows at 16 warps x 64 registers: two CTAs per SM at every size
+    # the norm backward: two CTAs per SM at every size, and its double-buffered rows really load by cp.async
     norm_bwd = [r for r in rows if r["kernel"] == "rms_norm_bwd"]
     assert norm_bwd and all(r["ctas_per_sm"] >= 2 for r in norm_bwd)
+    prefetched = [r for r in norm_bwd if "PREFETCH=2" in r["config"]]
+    assert prefetched and all(r["cp_async"] != "-" for r in prefetched)
 
 
 @pytest.mark.parametrize("arch", ARCHES)

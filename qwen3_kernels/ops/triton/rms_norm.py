@@ -77,11 +77,13 @@ def _store_dx_tile(DX, DS, rows, stride_dx, stride_ds, cols, mask, n, dn, mean, 
 @triton.jit
 def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW_PARTIAL, stride_dy, stride_x, stride_ds, stride_dx,
                          n_rows, N, rows_per_program,
-                         HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, ROWS: tl.constexpr):
+                         HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, ROWS: tl.constexpr,
+                         PREFETCH: tl.constexpr):
     """With ``n = x * rstd``: ``dx = rstd * (dy*w - n * mean(dy*w*n))`` (+ ``ds``, the gradient that
     reaches the residual sum directly). Each program sums ``dy * n`` over its rows into one row of
     DW_PARTIAL; the launcher adds those rows up, so dW is deterministic (no atomics). A row is a
-    tile of BLOCK_N columns and, with TAIL_N > 0, a tile of TAIL_N columns after it."""
+    tile of BLOCK_N columns and, with TAIL_N > 0, a tile of TAIL_N columns after it. PREFETCH = 2
+    loads the next rows (cp.async into shared memory) while this one is computed."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -97,7 +99,7 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW_PARTIAL, stride_dy, stride_x
     last = tl.minimum(first + rows_per_program, n_rows)
     # With a tail tile, w is re-read per row (an L1 hit): held across rows too, the tiles spill at 16 warps
     # and 64 registers (2 CTAs per SM).
-    for start in range(first, last, ROWS):
+    for start in tl.range(first, last, ROWS, num_stages=PREFETCH):
         rows = start + tl.arange(0, ROWS)
         row_ok = rows < last
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
@@ -157,6 +159,14 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     # half the forward's tile: the backward keeps more fp32 tiles live, and 4096-element tiles on 16
     # warps spill on Triton 3.6 (sm_90) and fit only one CTA per SM; 2048 fit two to three
     block_n, tail_n, rows, num_warps = row_block(N, max_elements=2048)
+    # Rows double-buffered (PREFETCH) and warps as they compile without spills, at >= 2 CTAs per SM, on
+    # Triton 3.6 and 3.9 (tests/aot_gate.py): half precision only (fp32 tiles are twice the registers
+    # and shared memory). With the residual gradient a tile-plus-tail row spills at 16 warps x 64
+    # registers: 8 warps, and double-buffered only at 5120 columns (at 2560 Triton 3.6 spills 8 bytes).
+    prefetch = 2 if x.element_size() == 2 else 1
+    if tail_n and d_summed is not None:
+        prefetch = prefetch if num_warps == 16 else 1
+        num_warps = min(num_warps, 8)
     programs = max(1, min(triton.cdiv(n_rows, rows), 4 * num_sms(x.device)))
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
     programs = max(1, triton.cdiv(n_rows, rows_per_program))
@@ -164,8 +174,8 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     _rms_norm_bwd_kernel[(programs,)](
         dy2, x2, weight, rstd, ds2, dx2, dw_partial, dy2.stride(0), x2.stride(0), ds2.stride(0), dx2.stride(0),
         n_rows, N, rows_per_program,
-        HAS_DS=d_summed is not None, BLOCK_N=block_n, TAIL_N=tail_n, ROWS=rows, num_warps=num_warps,
-        **({"maxnreg": 64} if num_warps == 16 else {}))  # 16 warps x 64 registers: 2 CTAs per SM
+        HAS_DS=d_summed is not None, BLOCK_N=block_n, TAIL_N=tail_n, ROWS=rows, PREFETCH=prefetch,
+        num_warps=num_warps, **({"maxnreg": 64} if num_warps == 16 else {}))  # 16 warps x 64 registers: 2 CTAs/SM
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 
