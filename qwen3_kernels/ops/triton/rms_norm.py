@@ -97,8 +97,8 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW_PARTIAL, stride_dy, stride_x
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     first = pid.to(tl.int64) * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
-    # With a tail tile, w is re-read per row (an L1 hit): held across rows too, the tiles spill at 16 warps
-    # and 64 registers (2 CTAs per SM).
+    # With a tail tile, w is re-read per row in _bwd_tile (an L1 hit): held across rows as well, the
+    # tiles spill at 16 warps x 64 registers (2 CTAs per SM).
     for start in tl.range(first, last, ROWS, num_stages=PREFETCH):
         rows = start + tl.arange(0, ROWS)
         row_ok = rows < last
@@ -156,8 +156,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dx2 = dx.view(-1, N)
     ds2 = as_rows(d_summed) if d_summed is not None else dy2
-    # half the forward's tile: the backward keeps more fp32 tiles live, and 4096-element tiles on 16
-    # warps spill on Triton 3.6 (sm_90) and fit only one CTA per SM; 2048 fit two to three
+    # short rows: half the forward's rows per tile (the backward keeps more fp32 tiles live)
     block_n, tail_n, rows, num_warps = row_block(N, max_elements=2048)
     # Rows double-buffered (PREFETCH) and warps as they compile without spills, at >= 2 CTAs per SM, on
     # Triton 3.6 and 3.9 (tests/aot_gate.py): half precision only (fp32 tiles are twice the registers
