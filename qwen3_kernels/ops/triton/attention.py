@@ -113,7 +113,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, CU_SEQLENS, qk_scale, Tq, Tk, H, 
     b = (pid_bh // slots).to(tl.int64)
     slot = pid_bh % slots
     kv_head = ((slot * PACK) // GROUP).to(tl.int64)
-    kv_row = (pid_bh // slots) * Tk  # TMA: the descriptor row of this sequence's first key
+    kv_row = (b * Tk).to(tl.int32)  # TMA: the descriptor row of this sequence's first key
     if VARLEN:  # queries and keys are the sequence's own span of the packed tokens
         first, Tq = _sequence(CU_SEQLENS, b)
         Tk = Tq
@@ -137,7 +137,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KV_LENS, CU_SEQLENS, qk_scale, Tq, Tk, H, 
     t64 = t.to(tl.int64)
     q = tl.load(Q + b * sqb + h[:, None] * sqh + t64[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
-    kv_col = ((slot * PACK) // GROUP) * HEAD_DIM
+    kv_col = (kv_head * HEAD_DIM).to(tl.int32)
     if TMA:
         k_base = K
         v_base = V
@@ -472,12 +472,11 @@ def fwd_candidates(arch: int, head_dim: int, dtype: torch.dtype) -> list[dict]:
             return [cfg(128, 64, 8, 3), cfg(128, 64, 8, 2), cfg(128, 128, 8, 2), cfg(128, 128, 8, 3),
                     cfg(64, 64, 4, 3), cfg(128, 64, 8, 3, True),
                     cfg(128, 64, 8, 3, tma=True), cfg(128, 128, 8, 2, tma=True), cfg(128, 64, 8, 3, True, tma=True)]
+        tiles = [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 4), cfg(64, 32, 4, 3),
+                 cfg(128, 64, 4, 3, True)]
         if head_dim > 32:
-            return [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 4), cfg(64, 32, 4, 3),
-                    cfg(128, 64, 4, 3, True), cfg(128, 64, 4, 3, tma=True), cfg(128, 128, 8, 3, tma=True)]
-        # no Qwen3 has heads this small (the tests do): no TMA variants to compile
-        return [cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 4), cfg(64, 32, 4, 3),
-                cfg(128, 64, 4, 3, True)]
+            return tiles + [cfg(128, 64, 4, 3, tma=True), cfg(128, 128, 8, 3, tma=True)]
+        return tiles  # no Qwen3 has heads this small (the tests do): no TMA variants to compile
     # sm_80: bound as a launch binds them (16-byte aligned, vectorised), 128 x 64 tiles at D = 128
     # and 128 x 64 on 4 warps at D = 64 spill; these do not, on Triton 3.6 and 3.9 alike.
     if head_dim > 64:
@@ -673,15 +672,17 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None,
 
     group = H // Hkv
 
+    # the tuner offers TMA candidates only where can_use_tma holds; a pinned config is checked here
+    if config is not None and config.get("tma") and not can_use_tma(k, v):
+        raise ValueError(f"config {config} loads K/V through TMA descriptors, which need unit-stride heads of "
+                         f"D elements, (batch, token) rows one stride apart and 16-byte alignment; "
+                         f"got k {tuple(k.shape)} strides {k.stride()}, v strides {v.stride()}")
+
     def launch(cfg):
         pack = group if cfg["pack_group"] and can_pack_group(cfg, group) else 1
         meta = {k: v for k, v in cfg.items() if k not in ("pack_group", "tma")}
         keys, values = k, v
         if cfg.get("tma"):
-            if not can_use_tma(k, v):
-                raise ValueError(f"config {cfg} loads K/V through TMA descriptors, which need unit-stride heads of "
-                                 f"D elements, (batch, token) rows one stride apart and 16-byte alignment; "
-                                 f"got k {tuple(k.shape)} strides {k.stride()}, v strides {v.stride()}")
             keys, values = _kv_descriptor(k, cfg["BLOCK_N"]), _kv_descriptor(v, cfg["BLOCK_N"])
         _attn_fwd_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"] // pack), batches * (H // pack))](
             q, keys, values, out, lse, kv_lens if kv_lens is not None else q, cu_seqlens if varlen else q,
