@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from kernels import KERNEL_DEVICE, needs_triton
+from qwen3_kernels_testing.kernels import KERNEL_DEVICE, needs_triton
 
 from qwen3_kernels import QWEN, Config, ops
 
@@ -88,7 +88,7 @@ def test_fused_model_traces_without_graph_breaks(kernels_on_cpu):
 def test_fused_model_on_gpu_matches_reference(dtype):
     """Whole-model check in the dtypes people train in; bf16 compared by the flash-attention rule
     against the fp32 reference model."""
-    from float64 import assert_within_rule
+    from qwen3_kernels_testing.float64 import assert_within_rule
     config = Config(vocab_size=1000, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
                     intermediate_size=512, max_position_embeddings=512)
     torch.manual_seed(0)

@@ -4,8 +4,8 @@ sampling."""
 import pytest
 import torch
 from conftest import TINY
-from float64 import assert_greedy_within
-from kernels import KERNEL_DEVICE, needs_triton
+from qwen3_kernels_testing.float64 import assert_greedy_within
+from qwen3_kernels_testing.kernels import KERNEL_DEVICE, needs_triton
 
 from qwen3_kernels import QWEN, ops
 from qwen3_kernels.generation import sample_next_token

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 from conftest import TINY, make_hf_model
-from float64 import assert_within_rule
-from kernels import ATOL, KERNEL_DEVICE
+from qwen3_kernels_testing.float64 import assert_within_rule
+from qwen3_kernels_testing.kernels import ATOL, KERNEL_DEVICE
 
 from qwen3_kernels import hf, ops
 

@@ -7,8 +7,8 @@ import collections
 
 import pytest
 import torch
-from dispatch import IntoCustomOps
-from kernels import KERNEL_DEVICE, needs_triton
+from qwen3_kernels_testing.dispatch import IntoCustomOps
+from qwen3_kernels_testing.kernels import KERNEL_DEVICE, needs_triton
 
 from qwen3_kernels import QWEN, Config
 

@@ -4,7 +4,7 @@ parameter gradient, eager and fused (the fused loss never builds the logits)."""
 import pytest
 import torch
 from conftest import TINY, load_hf
-from kernels import KERNEL_DEVICE, needs_triton
+from qwen3_kernels_testing.kernels import KERNEL_DEVICE, needs_triton
 
 from qwen3_kernels import QWEN
 from qwen3_kernels.loading import local_to_hf

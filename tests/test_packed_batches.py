@@ -3,7 +3,7 @@ cu_seqlens) against the same examples run one by one: logits, loss and every gra
 
 import pytest
 import torch
-from kernels import KERNEL_DEVICE
+from qwen3_kernels_testing.kernels import KERNEL_DEVICE
 
 from qwen3_kernels import QWEN, Config
 from qwen3_kernels.data import pack_examples

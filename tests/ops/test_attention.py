@@ -2,11 +2,11 @@
 under the flash-attention rule. On the CPU the kernels run in Triton's interpreter, which cannot do
 tl.dot on bfloat16, so bf16 is covered by the CUDA cases."""
 
-import float64
+from qwen3_kernels_testing import float64
 import pytest
 import torch
-from float64 import assert_within_rule
-from kernels import DEVICES, atol, needs_triton, rand
+from qwen3_kernels_testing.float64 import assert_within_rule
+from qwen3_kernels_testing.kernels import DEVICES, atol, needs_triton, rand
 
 from qwen3_kernels.ops import reference
 

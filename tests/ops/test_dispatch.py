@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
-from float64 import assert_within_rule
-from kernels import KERNEL_DEVICE, atol, needs_triton, rand
+from qwen3_kernels_testing.float64 import assert_within_rule
+from qwen3_kernels_testing.kernels import KERNEL_DEVICE, atol, needs_triton, rand
 
 from qwen3_kernels import ops
 

@@ -3,7 +3,7 @@ under the flash-attention rule), and what one rejects the other rejects with the
 
 import pytest
 import torch
-from kernels import KERNEL_DEVICE, needs_triton, rand
+from qwen3_kernels_testing.kernels import KERNEL_DEVICE, needs_triton, rand
 
 from qwen3_kernels.ops import reference
 

@@ -3,9 +3,9 @@ reductions and ignored targets, and the memory contract: no tensor of N x V elem
 
 import pytest
 import torch
-from dispatch import IntoCustomOps
-from float64 import assert_within_rule
-from kernels import DEVICES, DTYPES, atol, needs_triton, rand
+from qwen3_kernels_testing.dispatch import IntoCustomOps
+from qwen3_kernels_testing.float64 import assert_within_rule
+from qwen3_kernels_testing.kernels import DEVICES, DTYPES, atol, needs_triton, rand
 
 from qwen3_kernels.ops import reference
 

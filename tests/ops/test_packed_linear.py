@@ -4,8 +4,8 @@ state dict) and when the model re-packs (construction, moves, loads)."""
 
 import pytest
 import torch
-from float64 import assert_within_rule
-from kernels import DEVICES, DTYPES, atol, needs_triton, rand
+from qwen3_kernels_testing.float64 import assert_within_rule
+from qwen3_kernels_testing.kernels import DEVICES, DTYPES, atol, needs_triton, rand
 
 from qwen3_kernels import QWEN, Config, ops
 from qwen3_kernels.ops import pack_parameters, reference

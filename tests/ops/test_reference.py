@@ -1,6 +1,6 @@
 """The eager reference ops against independent float64 formulas."""
 
-import float64
+from qwen3_kernels_testing import float64
 import pytest
 import torch
 

@@ -1,10 +1,10 @@
 """Triton RMSNorm and add+RMSNorm against float64 and eager PyTorch (the flash-attention rule)."""
 
-import float64
+from qwen3_kernels_testing import float64
 import pytest
 import torch
-from kernels import DEVICES, DTYPES, atol, needs_triton, rand
-from float64 import assert_within_rule
+from qwen3_kernels_testing.kernels import DEVICES, DTYPES, atol, needs_triton, rand
+from qwen3_kernels_testing.float64 import assert_within_rule
 
 from qwen3_kernels.ops import reference
 

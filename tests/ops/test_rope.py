@@ -1,10 +1,10 @@
 """Triton QK-norm + RoPE and plain RoPE against float64 and eager PyTorch (the flash-attention rule)."""
 
-import float64
+from qwen3_kernels_testing import float64
 import pytest
 import torch
-from float64 import assert_within_rule
-from kernels import DEVICES, DTYPES, atol, needs_triton, rand
+from qwen3_kernels_testing.float64 import assert_within_rule
+from qwen3_kernels_testing.kernels import DEVICES, DTYPES, atol, needs_triton, rand
 
 from qwen3_kernels import calculate_sin_cos
 from qwen3_kernels.ops import reference
