@@ -256,15 +256,21 @@ class QWEN(nn.Module):
         prefix sums of the example lengths) and ``max_seqlen``; each example attends only to itself
         and gets the logits it would get alone. Passing cu_seqlens and max_seqlen avoids reading
         them from the device."""
-        if not torch.compiler.is_compiling():
-            self._check_input(input_ids, cache)
+        packed = cu_seqlens is not None or (position_ids is not None and input_ids.shape[0] == 1)
+        checking = not torch.compiler.is_compiling()
+        if checking:
+            self._check_input(input_ids, cache, packed)
             if labels is not None:
                 self._check_labels(input_ids, labels, cache, last_only)
         positions, attend = position_ids, Attend()
-        if cu_seqlens is not None or (position_ids is not None and input_ids.shape[0] == 1):
+        if packed:
             if cache is not None:
                 raise ValueError("packed sequences (position_ids or cu_seqlens) cannot continue a KV cache")
             positions, attend = self._packed_sequences(input_ids, position_ids, cu_seqlens, max_seqlen)
+            if checking and attend.max_seqlen > self.config.max_position_embeddings:
+                # The context limits each example, not the row that packs them.
+                raise ValueError(f"a packed example of {attend.max_seqlen} tokens exceeds the model's max context "
+                                 f"(max_position_embeddings={self.config.max_position_embeddings})")
         return self._forward(input_ids, cache, last_only, labels, num_items_in_batch, positions, attend)
 
     def _packed_sequences(self, input_ids, position_ids, cu_seqlens, max_seqlen) -> tuple[torch.Tensor, Attend]:
@@ -273,10 +279,13 @@ class QWEN(nn.Module):
         if position_ids is not None and position_ids.shape != input_ids.shape:
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} must equal input_ids shape "
                              f"{tuple(input_ids.shape)}")
-        if cu_seqlens is None:  # each example starts where the positions restart at 0
-            starts = torch.nonzero(position_ids[0] == 0).flatten()
-            if starts.numel() == 0 or int(starts[0]) != 0:
-                raise ValueError("position_ids of a packed batch must start at 0 (each example's first token)")
+        if cu_seqlens is None:
+            # Each example starts where the positions restart at 0; the row's first token starts one
+            # whatever its position, so a single sequence continued from position p (p, p+1, ...) is
+            # one causal sequence with those rotary positions, as transformers runs it.
+            restarts = position_ids[0] == 0
+            restarts[0] = True
+            starts = torch.nonzero(restarts).flatten()
             cu_seqlens = torch.cat([starts, starts.new_tensor([total])]).to(torch.int32)
         if position_ids is None:  # each token's place in its own example
             tokens = torch.arange(total, device=device)
@@ -320,7 +329,7 @@ class QWEN(nn.Module):
         w = self.embeddings.weight
         return KVCache.empty(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
 
-    def _check_input(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> None:
+    def _check_input(self, input_ids: torch.Tensor, cache: KVCache | None = None, packed: bool = False) -> None:
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
@@ -338,7 +347,7 @@ class QWEN(nn.Module):
             raise RuntimeError("a KVCache is for inference: it is written in place, which autograd cannot "
                                "differentiate through; run cached forwards under torch.no_grad() or "
                                "torch.inference_mode()")
-        if T > limit:
+        if T > limit and not packed:  # a packed row's examples are checked one by one (forward)
             raise ValueError(f"sequence length {T} exceeds the model's max context "
                              f"(max_position_embeddings={limit})")
         if cache is not None:

@@ -68,11 +68,45 @@ def test_packed_loss_and_gradients_equal_the_examples_one_by_one(model):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_the_context_limits_each_packed_example_not_the_row(model):
+    """Three examples of 30, 29 and 23 tokens packed into one 82-token row of a model whose context is
+    64 tokens (the trainer packs 65,536 tokens for a 40,960-token Qwen3): each gets its logits alone."""
+    g = torch.Generator().manual_seed(5)
+    examples = [torch.randint(0, CONFIG.vocab_size, (n,), generator=g).tolist() for n in (30, 29, 23)]
+    batch = next(pack_examples(examples, max_tokens=96)).to(KERNEL_DEVICE)
+    assert batch.input_ids.shape[1] > CONFIG.max_position_embeddings
+    with torch.no_grad():
+        alone = torch.cat([model(torch.tensor([e], device=KERNEL_DEVICE)) for e in examples], dim=1)
+        by_positions = model(batch.input_ids, position_ids=batch.position_ids)
+        by_cu_seqlens = model(batch.input_ids, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+    torch.testing.assert_close(by_positions, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_cu_seqlens, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_of_positions_not_starting_at_0_is_one_sequence(model):
+    """position_ids 3..18 on one row continue a sequence from position 3 (transformers: rotary positions
+    3..18, causal over the row), exactly what the same row gives in a batch of two, where the positions
+    are never read as packing."""
+    ids = torch.randint(0, CONFIG.vocab_size, (1, 16), generator=torch.Generator().manual_seed(6))
+    ids = ids.to(KERNEL_DEVICE)
+    positions = torch.arange(3, 19, device=KERNEL_DEVICE)[None]
+    with torch.no_grad():
+        one_row = model(ids, position_ids=positions)
+        in_a_batch = model(ids.expand(2, -1), position_ids=positions.expand(2, -1))[:1]
+    torch.testing.assert_close(one_row, in_a_batch, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_packed_inputs_are_named():
     model = QWEN(CONFIG)
     ids = torch.randint(0, CONFIG.vocab_size, (1, 6))
-    with pytest.raises(ValueError, match="position_ids of a packed batch must start at 0"):
-        model(ids, position_ids=torch.tensor([[1, 2, 0, 1, 2, 3]]))
+    too_long = torch.randint(0, CONFIG.vocab_size, (1, 70))
+    with pytest.raises(ValueError, match=r"a packed example of 65 tokens exceeds the model's max context "
+                                         r"\(max_position_embeddings=64\)"):
+        model(too_long, cu_seqlens=torch.tensor([0, 5, 70], dtype=torch.int32), max_seqlen=65)
+    with pytest.raises(ValueError, match="a packed example of 65 tokens exceeds"):
+        model(too_long, position_ids=torch.cat([torch.arange(5), torch.arange(65)])[None])
+    with pytest.raises(ValueError, match="sequence length 70 exceeds the model's max context"):
+        model(too_long)
     with pytest.raises(ValueError, match=r"position_ids shape \(1, 5\) must equal input_ids shape \(1, 6\)"):
         model(ids, position_ids=torch.arange(5)[None])
     with pytest.raises(ValueError, match="cannot continue a KV cache"), torch.no_grad():
