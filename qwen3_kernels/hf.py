@@ -97,13 +97,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     Tk = key.shape[2]
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    reason = _sdpa_reason(query, key, value, attention_mask, dropout, sliding_window, kwargs)
-    if reason:
-        _log_once(f"attention runs transformers' SDPA path: {reason}")
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, **kwargs)
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D)
+    if not (query.dtype == key.dtype == value.dtype) and torch.is_autocast_enabled(query.device.type):
+        # Under autocast (fp32 weights, Trainer's bf16=True) q/k can come out fp32 beside a half v;
+        # SDPA would cast all three to the autocast dtype, and so do we.
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     sequences = None
     if kwargs.get("cu_seq_lens_q") is not None:
         if Tq != Tk:
@@ -114,6 +112,15 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         sequences = cu_seqlens, None if max_seqlen is None else int(max_seqlen)
     elif Tq == Tk > 1 and kwargs.get("position_ids") is not None and causal:
         sequences = _sequences_in(kwargs["position_ids"], B, Tq)
+    reason = _sdpa_reason(query, key, value, attention_mask, dropout, sliding_window, kwargs)
+    if reason:
+        _log_once(f"attention runs transformers' SDPA path: {reason}")
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        if sequences is not None and attention_mask is None:  # the packed examples must stay apart there too
+            attention_mask = _packed_causal_mask(sequences[0], B, Tq)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, **kwargs)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D)
     if sequences is None:
         out = ops.attention(q, k, v, causal=causal, softmax_scale=scaling)
     else:  # every row's sequences, one after another: (1, B * T, H, D)
@@ -137,6 +144,15 @@ def _sdpa_reason(query, key, value, attention_mask, dropout, sliding_window, kwa
     if not (query.dtype == key.dtype == value.dtype):
         return f"q, k, v dtypes differ ({query.dtype}, {key.dtype}, {value.dtype})"
     return ""
+
+
+def _packed_causal_mask(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """SDPA's boolean mask (B, 1, T, T) for sequences packed back to back over the rows (cu_seqlens
+    over the B * T tokens): a token sees the earlier tokens of its own sequence only."""
+    tokens = torch.arange(batch * length, device=cu_seqlens.device)
+    sequence = torch.searchsorted(cu_seqlens[1:].to(torch.int64), tokens, right=True).view(batch, length, 1)
+    position = tokens.view(batch, length, 1) % length
+    return ((sequence == sequence.transpose(1, 2)) & (position >= position.transpose(1, 2)))[:, None]
 
 
 _last_sequences: tuple = (None, -1, None)  # (weak reference to a position_ids tensor, its version, what it gave)
@@ -213,7 +229,7 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings: t
     norms = (self.q_norm, self.k_norm)
     if all(type(n) is m.Qwen3RMSNorm for n in norms) \
             and self.q_norm.variance_epsilon == self.k_norm.variance_epsilon \
-            and q.dtype == k.dtype == cos.dtype == self.q_norm.weight.dtype == self.k_norm.weight.dtype:
+            and q.dtype == k.dtype:  # norm weights and cos/sin may be fp32 beside half q/k (autocast)
         q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.variance_epsilon)
         q, k = q.transpose(1, 2), k.transpose(1, 2)                              # (B, H, T, D)
     else:

@@ -12,8 +12,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, op: str = "rms_norm") -> Non
         raise ValueError(f"{op}: x is 0-d; it needs a last dim to normalise over")
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"{op}: weight shape {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    _norm_weight_dtype(op, "weight", weight)
+
+
+def _norm_weight_dtype(op: str, name: str, weight: torch.Tensor) -> None:
+    # A weight in another float dtype than the activations (fp32 master weights under autocast, as
+    # flash-attention's and Liger's norms take them) is fine: the math runs in fp32 either way, and the
+    # output keeps the activations' dtype.
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"{op}: {name} dtype {weight.dtype} is not a floating-point dtype")
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> None:
@@ -38,8 +45,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str = "x")
     if cos.shape != sin.shape or cos.shape not in ((T, D), (1, T, D), (B, T, D)):
         raise ValueError(f"cos/sin must have shape (T, D) = {(T, D)}, (1, T, D) or (B, T, D) = {(B, T, D)}, "
                          f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    if cos.dtype != x.dtype or sin.dtype != x.dtype:
-        raise TypeError(f"cos/sin dtypes ({cos.dtype}, {sin.dtype}) differ from {name} dtype {x.dtype}")
+    # cos/sin may be in another float dtype than x (fp32 tables under autocast): the rotation runs in
+    # fp32 either way and the output keeps x's dtype.
+    if cos.dtype != sin.dtype or not cos.dtype.is_floating_point:
+        raise TypeError(f"cos/sin dtypes ({cos.dtype}, {sin.dtype}) must be one floating-point dtype")
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, cos, sin) -> None:
@@ -50,8 +59,7 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos, sin) -> None:
     for name, w, x in (("q_weight", q_weight, q), ("k_weight", k_weight, k)):
         if w.shape != (x.shape[-1],):
             raise ValueError(f"{name} shape {tuple(w.shape)} must be (head_dim,) = ({x.shape[-1]},)")
-        if w.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {w.dtype} differs from the activations' dtype {x.dtype}")
+        _norm_weight_dtype("qk_norm_rope", name, w)
 
 
 def packed_sequences(q, k, kv_lens, cu_seqlens, max_seqlen) -> int:

@@ -74,14 +74,15 @@ def test_rope_accepts_1_t_d_tables():
 
 
 @pytest.mark.parametrize("op, make", [
-    ("rms_norm", lambda: (rand(4, 8, device=D, dtype=torch.float16), rand(8, device=D), 1e-6)),
+    ("rms_norm", lambda: (rand(4, 8, device=D, dtype=torch.float16), torch.ones(8, device=D, dtype=torch.int32),
+                          1e-6)),
     ("rms_norm", lambda: (torch.tensor(3.0, device=D), rand(1, device=D), 1e-6)),
     ("rms_norm", lambda: (rand(4, 8, device=D), rand(7, device=D), 1e-6)),
     ("add_rms_norm", lambda: (rand(4, 8, device=D), rand(3, 8, device=D), rand(8, device=D), 1e-6)),
     ("add_rms_norm", lambda: (rand(4, 8, device=D), rand(4, 8, device=D, dtype=torch.float16), rand(8, device=D),
                               1e-6)),
     ("apply_rope", lambda: (rand(2, 5, 4, 16, device=D), rand(5, 16, device=D, dtype=torch.float16),
-                            rand(5, 16, device=D, dtype=torch.float16))),
+                            rand(5, 16, device=D))),
     ("apply_rope", lambda: (rand(2, 5, 4, 16, device=D), rand(3, 5, 16, device=D), rand(3, 5, 16, device=D))),
     ("swiglu", lambda: (torch.tensor(1.0, device=D), torch.tensor(2.0, device=D))),
     ("swiglu", lambda: (rand(3, 8, device=D), rand(3, 8, device=D, dtype=torch.float16))),

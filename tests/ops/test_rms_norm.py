@@ -100,3 +100,37 @@ def test_bad_shapes_are_named():
         kernels.rms_norm(torch.randn(3, 4), torch.ones(5))
     with pytest.raises(ValueError, match=r"residual shape \(3, 5\) does not broadcast to x.s shape \(3, 4\)"):
         kernels.add_rms_norm(torch.randn(3, 4), torch.randn(3, 5), torch.ones(4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7, 96), (37, 1000)])
+def test_half_activations_with_an_fp32_weight(device, dtype, shape):
+    """fp32 weights beside half activations (autocast, fp32 master weights): fp32 math, y and dx in
+    the activations' dtype, dw in the weight's; rms_norm and add_rms_norm."""
+    kernels = _kernels()
+    x = rand(*shape, dtype=dtype, device=device, scale=2.0).requires_grad_()
+    r = rand(*shape, dtype=dtype, device=device, seed=3).requires_grad_()
+    w = rand(shape[-1], device=device, seed=1, scale=0.3, offset=1.0).requires_grad_()
+    dy = rand(*shape, dtype=dtype, device=device, seed=2)
+    x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, w))
+    for name, run, inputs, inputs64, exact in (
+            ("rms_norm", lambda f, a, w: f.rms_norm(a, w, 1e-6), (x,), (x64,), lambda a: float64.rms_norm(a, w64)),
+            ("add_rms_norm", lambda f, a, b, w: f.add_rms_norm(a, b, w, 1e-6)[0], (x, r), (x64, r64),
+             lambda a, b: float64.rms_norm(a + b, w64))):
+        y, y_eager, y64 = run(kernels, *inputs, w), run(reference, *inputs, w), exact(*inputs64)
+        assert y.dtype == dtype and y_eager.dtype == dtype
+        assert_within_rule(y, y_eager, y64, 2, atol(dtype, y64), f"{name} y")
+        grads = torch.autograd.grad(y, (*inputs, w), dy)
+        grads_eager = torch.autograd.grad(y_eager, (*inputs, w), dy)
+        grads64 = torch.autograd.grad(y64, (*inputs64, w64), dy.double())
+        assert grads[-1].dtype == torch.float32 and grads[0].dtype == dtype
+        for i, (g, ge, g64) in enumerate(zip(grads, grads_eager, grads64)):
+            assert_within_rule(g, ge, g64, 3, atol(dtype, g64), f"{name} grad {i}")
+
+
+def test_a_weight_that_is_not_floating_point_is_named():
+    kernels = _kernels()
+    for f in (kernels, reference):
+        with pytest.raises(TypeError, match="rms_norm: weight dtype torch.int64 is not a floating-point dtype"):
+            f.rms_norm(torch.randn(3, 4), torch.ones(4, dtype=torch.int64))

@@ -40,13 +40,26 @@ def _projection_views(B, T, H, Hkv, D, dtype, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B, T, H, Hkv, D", SHAPES)
 def test_qk_norm_rope_forward_and_gradients(device, dtype, B, T, H, Hkv, D):
+    _check_qk_norm_rope(device, dtype, dtype, B, T, H, Hkv, D)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B, T, H, Hkv, D", SHAPES[1:3])
+def test_qk_norm_rope_with_fp32_weights_and_tables(device, dtype, B, T, H, Hkv, D):
+    """Half q/k beside fp32 norm weights and cos/sin (transformers' Qwen3 under autocast): fp32 math,
+    q/k out in their own dtype, weight gradients in fp32."""
+    _check_qk_norm_rope(device, dtype, torch.float32, B, T, H, Hkv, D)
+
+
+def _check_qk_norm_rope(device, dtype, weight_dtype, B, T, H, Hkv, D):
     rope = _rope()
     q, k = _projection_views(B, T, H, Hkv, D, dtype, device)
     q_before, k_before = q.clone(), k.clone()
     q, k = q.requires_grad_(), k.requires_grad_()
-    qw = rand(D, dtype=dtype, device=device, seed=1, scale=0.3, offset=1.0).requires_grad_()
-    kw = rand(D, dtype=dtype, device=device, seed=2, scale=0.3, offset=1.0).requires_grad_()
-    cos, sin = _tables(B, T, D, dtype, device, per_batch=B > 1)
+    qw = rand(D, dtype=weight_dtype, device=device, seed=1, scale=0.3, offset=1.0).requires_grad_()
+    kw = rand(D, dtype=weight_dtype, device=device, seed=2, scale=0.3, offset=1.0).requires_grad_()
+    cos, sin = _tables(B, T, D, weight_dtype, device, per_batch=B > 1)
     dq_out, dk_out = rand(B, T, H, D, dtype=dtype, device=device, seed=3), rand(B, T, Hkv, D, dtype=dtype,
                                                                                 device=device, seed=4)
 
@@ -63,6 +76,7 @@ def test_qk_norm_rope_forward_and_gradients(device, dtype, B, T, H, Hkv, D):
     grads = torch.autograd.grad(out, (q, k, qw, kw), (dq_out, dk_out))
     grads_eager = torch.autograd.grad(eager, (q, k, qw, kw), (dq_out, dk_out))
     grads64 = torch.autograd.grad(exact, leaves64, (dq_out.double(), dk_out.double()))
+    assert [g.dtype for g in grads] == [dtype, dtype, weight_dtype, weight_dtype]
     for name, g, ge, g64 in zip(("dq", "dk", "dq_weight", "dk_weight"), grads, grads_eager, grads64):
         assert_within_rule(g, ge, g64, 3, atol(dtype, g64), name)
 
