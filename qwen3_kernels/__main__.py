@@ -219,7 +219,8 @@ def _complete(model, tokenizer, device, prompt: str, args, out=None, interruptib
         for tokens in model.generate_stream(ids, max_new, temperature=temperature,
                                             top_k=args.top_k if args.top_k is not None else defaults.top_k,
                                             top_p=args.top_p if args.top_p is not None else defaults.top_p,
-                                            eos_token_id=defaults.eos_token_ids, generator=generator):
+                                            eos_token_id=defaults.eos_token_ids, generator=generator,
+                                            vocab_size=min(len(tokenizer), model.config.vocab_size)):
             token = int(tokens[0])
             if first is None:
                 first = time.perf_counter()
@@ -249,7 +250,8 @@ def _report(stats: dict) -> None:
 
 def _generate(args) -> int:
     model, tokenizer, device = _load(args)
-    prompt = args.prompt
+    # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383); replace them, as chat does stdin
+    prompt = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if args.chat:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], enable_thinking=args.think)
     _, stats = _complete(model, tokenizer, device, prompt, args)

@@ -78,12 +78,14 @@ class _GraphedDecodeStep:
 def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None,
                     eos_token_id: int | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None, cuda_graph: bool | None = None
-                    ) -> Iterator[torch.Tensor]:
+                    generator: torch.Generator | None = None, cuda_graph: bool | None = None,
+                    vocab_size: int | None = None) -> Iterator[torch.Tensor]:
     """Yields the next token of every sequence (B,) per step; a sequence that has produced an EOS
     yields the pad id (the first EOS id) from then on. Stops when all have finished or after
     ``max_new_tokens`` steps. Prompts are left-padded rows of ``input_ids`` with ``attention_mask``.
-    Every argument is checked when this is called, before the first step is asked for."""
+    ``vocab_size`` samples only ids below it: published Qwen3 embeddings have rows (151,936) beyond
+    the tokenizer's 151,669 tokens, ids no tokenizer can decode. Every argument is checked when this
+    is called, before the first step is asked for."""
     config = model.config
     max_new_tokens = _positive_integer(max_new_tokens, "max_new_tokens")
     top_k = None if top_k is None else _positive_integer(top_k, "top_k")
@@ -92,6 +94,8 @@ def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temp
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if vocab_size is not None:
+        vocab_size = _positive_integer(vocab_size, "vocab_size")
     model._check_input(input_ids)
     lengths = _prompt_lengths(input_ids, attention_mask)
     longest = max(lengths)
@@ -101,7 +105,7 @@ def generate_stream(model, input_ids: torch.Tensor, max_new_tokens: int, *, temp
     eos = _token_ids(eos_token_id)
     pad = eos[0] if eos else 0
     return _steps(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos, pad, lengths, longest,
-                  generator, cuda_graph)
+                  generator, cuda_graph, vocab_size)
 
 
 def _positive_integer(value, name: str) -> int:
@@ -130,7 +134,7 @@ def _token_ids(eos_token_id) -> list[int]:
 
 @torch.inference_mode()
 def _steps(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos, pad, lengths, longest, generator,
-           cuda_graph) -> Iterator[torch.Tensor]:
+           cuda_graph, vocab_size) -> Iterator[torch.Tensor]:
     B, T = input_ids.shape
     device = input_ids.device
 
@@ -151,7 +155,7 @@ def _steps(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos, pad
     eos_ids = torch.tensor(eos, device=device, dtype=torch.long)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
-        tokens = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
+        tokens = sample_next_token(logits[:, :vocab_size].float(), temperature, top_k, top_p, generator)
         tokens = torch.where(finished, pad, tokens)
         yield tokens
         if eos:

@@ -395,13 +395,13 @@ class QWEN(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
                  attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 stream=None, cuda_graph: bool | None = None) -> torch.Tensor:
+                 stream=None, cuda_graph: bool | None = None, vocab_size: int | None = None) -> torch.Tensor:
         """Prompt plus generated tokens (B, T + steps); greedy at temperature 0. See
         ``qwen3_kernels.generation`` for the details; ``generate_stream`` is the iterator twin."""
         from .generation import generate
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token_id=eos_token_id, attention_mask=attention_mask, generator=generator,
-                        stream=stream, cuda_graph=cuda_graph)
+                        stream=stream, cuda_graph=cuda_graph, vocab_size=vocab_size)
 
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs):
         """Yields each step's next tokens (B,) as they are produced; same arguments as ``generate``."""

@@ -128,7 +128,8 @@ class Tokenizer:
 
 class StreamDecoder:
     """Turns tokens arriving one by one into text pieces. A token that ends inside a multi-byte
-    character decodes to U+FFFD; such text is held back until the character is complete."""
+    character decodes to U+FFFD; such text is held back until the character is complete. An id the
+    tokenizer does not have (a model's spare embedding rows) decodes to nothing."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
@@ -137,6 +138,8 @@ class StreamDecoder:
         self.emitted = 0  # characters of decode(tokens) already returned
 
     def push(self, token: int) -> str:
+        if not 0 <= int(token) < len(self.tokenizer):  # an id beyond the tokenizer shows as nothing
+            return ""
         self.tokens.append(int(token))
         text = self.tokenizer.decode(self.tokens, self.skip_special_tokens)
         if text.endswith("\ufffd"):

@@ -210,3 +210,28 @@ def test_broken_pipe_is_quiet(checkpoint):
                           stdout=w, stderr=subprocess.PIPE, timeout=300)
     os.close(w)
     assert "Traceback" not in done.stderr.decode() and done.returncode == 0, done.stderr.decode()
+
+
+def test_spare_embedding_rows_are_never_sampled(tmp_path, capsys):
+    """Published Qwen3 embeddings have 151,936 rows for 151,669 tokens: sampling (here at a high
+    temperature, over far more spare rows than tokens) must pick only ids the tokenizer can decode."""
+    path = tmp_path / "spare-rows"
+    tok = write_tokenizer(path)
+    make_hf_model(vocab_size=tok.get_vocab_size() + 4000, max_position_embeddings=128).save_pretrained(path)
+    assert main(["generate", "--model", str(path), "--prompt", "Hello", "--max-new-tokens", "24",
+                 "--temperature", "50", "--top-k", "5000", "--top-p", "1", "--device", "cpu"]) == 0
+    assert "error" not in capsys.readouterr().err
+
+
+def test_prompt_bytes_that_are_not_utf8_are_replaced(checkpoint):
+    done = subprocess.run([sys.executable, "-m", "qwen3_kernels", "generate", "--model", str(checkpoint), "--prompt",
+                           b"caf\xe9 au lait", "--max-new-tokens", "3", "--temperature", "0", "--device", "cpu"],
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+
+
+def test_streamed_text_shows_an_unknown_id_as_nothing(checkpoint):
+    tok = Tokenizer.from_pretrained(checkpoint)
+    ids = tok.encode("Hello world")
+    decoder = tok.stream_decoder()
+    assert "".join(decoder.push(i) for i in [ids[0], len(tok) + 5, *ids[1:]]) == tok.decode(ids)
