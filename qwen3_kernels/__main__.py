@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 
@@ -45,6 +46,46 @@ def _seed(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every option's default, where it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = not (action.default is None or action.default is False or action.default == argparse.SUPPRESS)
+        if shown and "%(default)" not in text and action.option_strings:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
+# A value that starts with '-' (--lr -1e-3) reads as an option to argparse unless it is written
+# --lr=-1e-3; numbers are joined to their option before parsing, so both spellings work.
+_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _join_negative_numbers(argv: list[str]) -> list[str]:
+    out = []
+    for a in argv:
+        if out and _NUMBER.fullmatch(a) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -56,40 +97,42 @@ def _common(p: argparse.ArgumentParser, model_required: bool) -> None:
     p.add_argument("--model", metavar="DIR", required=model_required,
                    help="Hugging Face Qwen3 checkpoint directory" + ("" if model_required else
                                                                        " (default: random weights)"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="use the Triton kernels where the device supports them (default: on a GPU)")
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256,
+                   help="at most this many tokens per reply (clamped to what the context leaves)")
     p.add_argument("--temperature", type=_non_negative_float, help="0 is greedy (default: the checkpoint's)")
     p.add_argument("--top-k", type=_positive_int, help="default: the checkpoint's")
     p.add_argument("--top-p", type=_probability, help="default: the checkpoint's")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="the sampling generator's seed")
     p.add_argument("--think", action=argparse.BooleanOptionalAction, default=True,
                    help="let the model think before answering (chat prompts)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen3-kernels", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="qwen3-kernels", description=__doc__, formatter_class=_HelpFormatter)
     _common(p, model_required=False)
     p.add_argument("--preset", default="0.6B", choices=sorted(PRESETS), help="size for random weights")
-    p.add_argument("--batch", type=_positive_int, default=1)
-    p.add_argument("--seq-len", type=_positive_int, default=64)
+    p.add_argument("--batch", type=_positive_int, default=1, help="sequences in the timed forward")
+    p.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per sequence in the timed forward")
     sub = p.add_subparsers(dest="command")
-    gen = sub.add_parser("generate", help="complete a prompt, streaming the text")
+    gen = sub.add_parser("generate", help="complete a prompt, streaming the text", formatter_class=_HelpFormatter)
     _common(gen, model_required=True)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, help="the text to complete")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     _sampling(gen)
-    chat = sub.add_parser("chat", help="interactive multi-turn chat (one user message per line of stdin)")
+    chat = sub.add_parser("chat", help="interactive multi-turn chat (one user message per line of stdin)",
+                          formatter_class=_HelpFormatter)
     _common(chat, model_required=True)
     chat.add_argument("--system", help="a system message to start the conversation with")
     _sampling(chat)
-    _train_arguments(sub.add_parser("train", help="fine-tune on JSONL data (FSDP2; under torchrun on several GPUs)"))
+    _train_arguments(sub.add_parser("train", help="fine-tune on JSONL data (FSDP2; under torchrun on several GPUs)",
+                                    formatter_class=_HelpFormatter))
     return p
 
 
@@ -98,22 +141,27 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="FILE", required=True,
                    help='JSONL: {"messages": [...]} (trained on assistant replies) or {"text": "..."} per line')
     p.add_argument("--out", metavar="DIR", required=True, help="metrics, checkpoints and the fine-tuned model")
-    p.add_argument("--steps", type=_positive_int, default=100)
-    p.add_argument("--tokens-per-step", type=_positive_int, default=65536)
+    p.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps")
+    p.add_argument("--tokens-per-step", type=_positive_int, default=65536,
+                   help="tokens per optimizer step, over all ranks and micro-batches")
     p.add_argument("--micro-batch-tokens", type=_positive_int, default=None,
                    help="tokens per forward (default: --tokens-per-step over the ranks); smaller accumulates")
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--warmup", type=int, default=0, help="steps of linear warmup before the cosine decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=_positive_float, default=1e-5, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=_non_negative_int, default=0, help="steps of linear warmup before the cosine decay")
+    p.add_argument("--max-grad-norm", type=_non_negative_float, default=1.0,
+                   help="clip the gradient norm to this; 0 does not clip")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW's decoupled weight decay")
+    p.add_argument("--seed", type=_seed, default=0, help="data order")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: bfloat16 on GPUs, float32 on CPUs)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="GPUs (NCCL) or CPUs (gloo)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="the Triton kernels (default: on GPUs)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument("--save-every", type=_positive_int, default=None, help="steps between resumable checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds another run's outputs, deleting them")
 
 
 COMMANDS = ("generate", "chat", "train")
@@ -121,7 +169,7 @@ COMMANDS = ("generate", "chat", "train")
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _join_negative_numbers(sys.argv[1:] if argv is None else list(argv))
     command_at = next((i for i, a in enumerate(argv) if a in COMMANDS), None)
     if command_at and any(a.startswith("-") for a in argv[:command_at]):
         # the subcommand's own options would silently override these
@@ -137,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             from .train import run
             return run(args)
         return _demo(args)
-    except (FileNotFoundError, PermissionError, ValueError, KeyError, TypeError, RuntimeError, MemoryError) as e:
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError, KeyError, TypeError, RuntimeError,
+            MemoryError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
         return 1

@@ -157,6 +157,15 @@ class Config:
             hf["dtype"] = self.dtype
         return hf
 
+    def to_published_hf_dict(self) -> dict:
+        """``to_hf_dict`` plus the spelling the published Qwen3 checkpoints use (``rope_theta``,
+        ``rope_scaling``, ``torch_dtype``): transformers 4 reads only that one (and would fall back
+        to rope_theta 10000 without it), transformers 5 reads either, vLLM and SGLang the published one."""
+        hf = {**self.to_hf_dict(), "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling}
+        if self.dtype is not None:
+            hf["torch_dtype"] = self.dtype
+        return hf
+
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return _DTYPES[self.dtype] if self.dtype else None

@@ -34,11 +34,15 @@ def read_jsonl(path: str | os.PathLike, tokenizer, max_len: int) -> Examples:
     except KeyError:
         end_of_text = [tokenizer.eos_token_id]
     tokens, labels, truncated = [], [], 0
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 example = json.loads(line)
             except json.JSONDecodeError as e:
@@ -55,6 +59,7 @@ def read_jsonl(path: str | os.PathLike, tokenizer, max_len: int) -> Examples:
                 messages = example["messages"]
                 if not isinstance(messages, list):
                     raise ValueError(f"{where}: \"messages\" must be a list, got {_abridged(messages)}")
+                messages = [_with_text_content(m, i, where) for i, m in enumerate(messages)]
                 try:
                     ids, trained = tokenizer.encode_chat(messages)
                 except ValueError as e:
@@ -68,6 +73,19 @@ def read_jsonl(path: str | os.PathLike, tokenizer, max_len: int) -> Examples:
     if not tokens:
         raise ValueError(f"training data {path!r} holds no examples")
     return Examples(tokens, labels, truncated)
+
+
+def _with_text_content(message, index: int, where: str):
+    """The message with its content as one string: a list of text parts (``[{"type": "text", "text":
+    ...}]``, as many datasets store turns) is joined; any other content is an error naming it."""
+    if not isinstance(message, dict) or isinstance(message.get("content"), str):
+        return message  # chat_segments names what is wrong with a message that is not a dict
+    content = message.get("content")
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                         and isinstance(part.get("text"), str) for part in content):
+        return {**message, "content": "".join(part["text"] for part in content)}
+    raise ValueError(f"{where}: message {index}'s content must be a string or a list of text parts "
+                     f"([{{\"type\": \"text\", \"text\": ...}}]), got {_abridged(content)}")
 
 
 def _abridged(value, limit: int = 80) -> str:

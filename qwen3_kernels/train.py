@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -63,6 +64,8 @@ def _check_paths(args) -> None:
         raise FileNotFoundError(f"--model {args.model!r}: no such checkpoint directory")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise FileNotFoundError(f"--model {args.model!r}: no config.json in it")
+    if os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data!r} is a directory, not a JSONL file")
     if not os.path.isfile(args.data):
         raise FileNotFoundError(f"--data {args.data!r}: no such file")
     try:
@@ -73,6 +76,53 @@ def _check_paths(args) -> None:
         os.remove(probe)
     except OSError as e:
         raise PermissionError(f"--out {args.out!r}: cannot write there ({e.strerror or e})") from None
+    _check_run(args)
+
+
+# What makes two runs the same run: a checkpoint continues only the run that wrote it.
+_RUN_FILE = "run.json"
+_RUN_ARGUMENTS = ("tokens_per_step", "micro_batch_tokens", "lr", "warmup", "max_grad_norm", "weight_decay", "seed",
+                  "dtype")
+_RUN_OUTPUTS = (_RUN_FILE, "metrics.jsonl", "checkpoints", "loss.png")
+
+
+def run_identity(args) -> dict:
+    """The model (its directory and config.json), the data (its path and content) and the arguments
+    that shape the training, as a dict that ``--resume`` compares with the run's ``run.json``."""
+    def digest(path):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    identity = {"model": os.path.abspath(args.model),
+                "model config.json sha256": digest(os.path.join(args.model, "config.json")),
+                "data": os.path.abspath(args.data), "data sha256": digest(args.data)}
+    identity.update({f"--{name.replace('_', '-')}": getattr(args, name) for name in _RUN_ARGUMENTS})
+    return identity
+
+
+def _check_run(args) -> None:
+    """A new run refuses an --out that holds another run's outputs (unless --overwrite); --resume
+    refuses a run whose model, data or training arguments differ from these."""
+    held = [name for name in _RUN_OUTPUTS if os.path.exists(os.path.join(args.out, name))]
+    if not args.resume:
+        if held and not args.overwrite:
+            raise FileExistsError(f"--out {args.out!r} already holds a run ({', '.join(held)}): --resume continues "
+                                  "it, --overwrite starts a new one there, or choose another --out")
+        return
+    try:
+        with open(os.path.join(args.out, _RUN_FILE)) as f:
+            before = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--resume: {args.out!r} holds no run to continue (no {_RUN_FILE})") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: {os.path.join(args.out, _RUN_FILE)!r} is unreadable ({e})") from None
+    now = run_identity(args)
+    changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in now.items() if before.get(key) != value]
+    if changed:
+        raise ValueError(f"--resume: the run in {args.out!r} was trained otherwise: {'; '.join(changed)} "
+                         "(--resume continues the same run; --overwrite starts a new one)")
 
 
 def _init_distributed(device_type: str) -> tuple[int, int, torch.device]:
@@ -195,16 +245,21 @@ class Trainer:
             # count, so scale the average back to the sum (gloo has no pre-multiplied sum to ask for)
             (loss * self.world).backward()
             total += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        # --max-grad-norm 0 means no clipping (as in transformers); the norm is still measured
+        max_norm = self.args.max_grad_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        dist.all_reduce(total)
+        if not (math.isfinite(total.item()) and math.isfinite(grad_norm.item())):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteStep(step, total.item(), grad_norm.item())
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step  # at once: a Ctrl-C from here on saves this step's weights under its number
-        dist.all_reduce(total)
         tokens = torch.tensor([sum(b.input_ids.numel() for b in batches)], device=self.device)
         dist.all_reduce(tokens)
         seconds = time.perf_counter() - start
@@ -222,8 +277,17 @@ class Trainer:
         args = self.args
         if args.resume:
             self.load_checkpoint()
-        elif self.rank == 0 and os.path.exists(self.metrics_file):
-            os.remove(self.metrics_file)
+        else:
+            if self.rank == 0:  # a new run (over an old one only with --overwrite, see _check_run)
+                for name in _RUN_OUTPUTS:
+                    path = os.path.join(args.out, name)
+                    if os.path.isdir(path):
+                        shutil.rmtree(path)
+                    elif os.path.exists(path):
+                        os.remove(path)
+                with open(os.path.join(args.out, _RUN_FILE), "w") as f:
+                    json.dump(run_identity(args), f, indent=2)
+            dist.barrier()
         if self.rank == 0 and self.examples.truncated:
             print(f"note: {self.examples.truncated} of {len(self.examples.tokens)} examples were longer than "
                   f"{self.micro_tokens} tokens and were cut", file=sys.stderr)
@@ -243,8 +307,14 @@ class Trainer:
                       file=sys.stderr)
             self.save_checkpoint()
             return 130
-        if self.rank == 0:
-            print(file=sys.stderr)
+        except NonFiniteStep as e:
+            # The weights are still those of the last good step: keep them as a checkpoint, write no model.
+            if self.step and not os.path.isdir(self._checkpoint_dir(self.step)):
+                self.save_checkpoint()
+            kept = f"the last good state is {self._checkpoint_dir(self.step)}" if self.step else "nothing was saved"
+            raise RuntimeError(f"{e}; stopped before updating the weights, {kept}") from None
+        if self.rank == 0 and sys.stderr.isatty():
+            print(file=sys.stderr)  # ends the redrawn progress line
         self.save_checkpoint()
         self.save_pretrained(args.out)
         if self.rank == 0:
@@ -260,9 +330,12 @@ class Trainer:
                                                                                                  self.optimizer),
                 "step": self.step}
 
+    def _checkpoint_dir(self, step: int) -> str:
+        return os.path.join(self.checkpoints, f"step_{step:07d}")
+
     def save_checkpoint(self) -> None:
         import torch.distributed.checkpoint as dcp
-        dcp.save(self._state(), checkpoint_id=os.path.join(self.checkpoints, f"step_{self.step:07d}"))
+        dcp.save(self._state(), checkpoint_id=self._checkpoint_dir(self.step))
         dist.barrier()
 
     def load_checkpoint(self) -> None:
@@ -273,7 +346,14 @@ class Trainer:
         if not found:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.checkpoints!r}")
         state = self._state()  # torch fills in AdamW's moments first (a zero step) so they can be loaded into
-        dcp.load(state, checkpoint_id=os.path.join(self.checkpoints, found[-1]))
+        try:
+            dcp.load(state, checkpoint_id=os.path.join(self.checkpoints, found[-1]))
+        except Exception as e:  # dcp wraps each rank's failure in a long report: name the first cause
+            first = str(e).strip().splitlines()
+            cause = next((line.strip() for line in first if "Error" in line or "size" in line), first[0] if first
+                         else type(e).__name__)
+            raise RuntimeError(f"--resume: {os.path.join(self.checkpoints, found[-1])!r} does not fit this model "
+                               f"({cause[:300]})") from None
         set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.step = int(state["step"])
@@ -313,7 +393,8 @@ def save_hf_checkpoint(state: dict[str, torch.Tensor], config: Config, out: str,
         shards[-1][name] = tensors[name]
         size += nbytes
     with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump({**config.to_hf_dict(), "dtype": str(dtype).removeprefix("torch.")}, f, indent=2)
+        name = str(dtype).removeprefix("torch.")
+        json.dump({**config.to_published_hf_dict(), "dtype": name, "torch_dtype": name}, f, indent=2)
     if len(shards) == 1:
         save_file(shards[0], os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
         return
@@ -327,16 +408,28 @@ def save_hf_checkpoint(state: dict[str, torch.Tensor], config: Config, out: str,
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
+class NonFiniteStep(Exception):
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        super().__init__(f"step {step}: the loss is {loss:.6g} and the gradient norm {grad_norm:.6g}")
+
+
 def _progress(metrics: dict, steps: int, seconds_per_step: float) -> None:
+    """One line per step: redrawn in place on a terminal, a line of its own in a redirected log."""
     eta = int(seconds_per_step * (steps - metrics["step"]))
-    print(f"\rstep {metrics['step']}/{steps}  loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tok/s  "
-          f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}", end="", file=sys.stderr, flush=True)
+    line = (f"step {metrics['step']}/{steps}  loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tok/s  "
+            f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+    if sys.stderr.isatty():
+        print(f"\r{line}", end="", file=sys.stderr, flush=True)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def plot_loss(metrics_file: str, png: str, width: int = 640, height: int = 360) -> None:
     """The loss curve as a PNG (no plotting library needed): the loss per step, axes at the minimum."""
     with open(metrics_file) as f:
-        losses = [json.loads(line)["loss"] for line in f]
+        losses = [loss for loss in (json.loads(line)["loss"] for line in f) if math.isfinite(loss)]
+    if not losses:
+        return
     with contextlib.suppress(ImportError):
         import matplotlib
         matplotlib.use("Agg")

@@ -71,3 +71,16 @@ def test_missing_and_empty_files(tokenizer, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(ValueError, match="holds no examples"):
         read_jsonl(tmp_path / "empty.jsonl", tokenizer, max_len=8)
+
+
+def test_content_given_as_text_parts_reads_as_its_text(tokenizer, tmp_path):
+    """[{"type": "text", "text": ...}] turns, as many datasets store them, train as their joined text."""
+    parts = [{**m, "content": [{"type": "text", "text": m["content"][:3]}, {"type": "text", "text": m["content"][3:]}]}
+             for m in CHAT]
+    as_parts = read_jsonl(_write(tmp_path, [{"messages": parts}]), tokenizer, max_len=4096)
+    as_text = read_jsonl(_write(tmp_path, [{"messages": CHAT}]), tokenizer, max_len=4096)
+    assert as_parts.tokens == as_text.tokens and as_parts.labels == as_text.labels
+    with pytest.raises(ValueError, match=r"data.jsonl:1: message 1's content must be a string or a list of text "
+                                         r"parts .*got \[\{\"type\": \"image\""):
+        read_jsonl(_write(tmp_path, [{"messages": [CHAT[0], {"role": "user", "content": [{"type": "image"}]},
+                                                   CHAT[2]]}]), tokenizer, max_len=4096)

@@ -72,6 +72,11 @@ def test_one_process_writes_metrics_checkpoints_and_a_transformers_model(checkpo
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json"):
         assert (out / name).is_file(), name
+    # the published spelling, which transformers 4 reads (without it: rope_theta 10000), beside 5's
+    written, given = (json.loads((path / "config.json").read_text()) for path in (out, checkpoint))
+    theta = given.get("rope_theta") or given["rope_parameters"]["rope_theta"]  # transformers 5 writes the latter
+    assert written["rope_theta"] == theta and written["rope_scaling"] is None
+    assert written["torch_dtype"] == written["dtype"] == "float32"
     # transformers and QWEN.from_pretrained read the output and agree logit for logit
     ours = QWEN.from_pretrained(out)
     theirs = transformers.Qwen3ForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
@@ -170,6 +175,10 @@ def test_loss_falls_on_memorisable_data(checkpoint, tmp_path):
     ("no model", r"--model '.*nowhere': no such checkpoint directory"),
     ("unwritable out", r"--out '.*': cannot write there"),
     ("uneven split", r"--tokens-per-step 100 must be a whole number of micro-batches \(--micro-batch-tokens 32\)"),
+    ("not utf-8", r"data.jsonl:2: not UTF-8 \(byte 0xe9 at column 14\)"),
+    ("directory", r"--data '.*' is a directory, not a JSONL file"),
+    ("content type", r"data.jsonl:1: message 0's content must be a string or a list of text parts"),
+    ("resume another model", r"--resume: the run in '.*' was trained otherwise: model '.*' -> '.*'"),
 ])
 def test_errors_are_one_line(checkpoint, data, tmp_path, capsys, case, message):
     model, out, extra = str(checkpoint), tmp_path / "out", []
@@ -180,9 +189,126 @@ def test_errors_are_one_line(checkpoint, data, tmp_path, capsys, case, message):
     elif case == "unwritable out":
         (tmp_path / "a-file").write_text("")
         out = tmp_path / "a-file" / "out"
+    elif case == "not utf-8":
+        data.write_bytes(json.dumps(EXAMPLES[0]).encode() + b'\n{"text": "caf\xe9"}\n')
+    elif case == "directory":
+        data = tmp_path
+    elif case == "content type":
+        data.write_text(json.dumps({"messages": [{"role": "user", "content": 7},
+                                                 {"role": "assistant", "content": "x"}]}) + "\n")
+    elif case == "resume another model":
+        assert _train(checkpoint, data, out, "--steps", "1") == 0
+        import shutil
+        model = str(tmp_path / "another")
+        shutil.copytree(checkpoint, model)
+        edit = json.loads((checkpoint / "config.json").read_text())
+        (tmp_path / "another" / "config.json").write_text(json.dumps({**edit, "num_hidden_layers": 1}))
+        capsys.readouterr()
+        extra = [*STEPS, "--resume"]
     else:
         extra = ["--tokens-per-step", "100", "--micro-batch-tokens", "32"]
     assert main(["train", "--model", model, "--data", str(data), "--out", str(out), "--device", "cpu", *extra]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert __import__("re").search(message, err[0]), err[0]
+
+
+def test_the_readme_command_on_a_published_qwen3_config(tmp_path):
+    """max_position_embeddings 40960 (every published Qwen3) with the default 65,536-token step in one
+    process: the packed row is longer than the context, each example in it is not."""
+    path = tmp_path / "published"
+    tok = write_tokenizer(path)
+    make_hf_model(vocab_size=tok.get_vocab_size(), max_position_embeddings=40960).save_pretrained(path)
+    write_tokenizer(path)
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} " + "The quick brown fox jumps over the lazy dog. " * 60}) + "\n"
+                            for i in range(72)))
+    assert main(["train", "--model", str(path), "--data", str(data), "--out", str(tmp_path / "run1"), "--steps", "1",
+                 "--lr", "1e-5", "--warmup", "20", "--device", "cpu"]) == 0
+    assert _metrics(tmp_path / "run1")[0]["tokens"] > 40960
+
+
+def test_a_non_finite_loss_stops_at_that_step(checkpoint, data, tmp_path, monkeypatch, capsys):
+    """A NaN at step 3 ends the run there with one line naming the step; the weights of step 2 are the
+    last checkpoint, no NaN model is written and the metrics stop at step 2."""
+    calls, forward = [0], QWEN.forward
+
+    def nan_from_step_3(self, *args, **kwargs):
+        calls[0] += 1
+        loss = forward(self, *args, **kwargs)
+        return loss * float("nan") if calls[0] > 8 else loss  # 4 micro-batches a step
+
+    monkeypatch.setattr(QWEN, "forward", nan_from_step_3)
+    out = tmp_path / "out"
+    assert _train(checkpoint, data, out, "--steps", "5") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: step 3: the loss is nan") and "step_0000002" in err[-1], err
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+    assert os.listdir(out / "checkpoints") == ["step_0000002"]
+    assert not (out / "model.safetensors").exists()
+
+
+def test_max_grad_norm_0_means_no_clipping(checkpoint, data, tmp_path, capsys):
+    unclipped, huge = tmp_path / "zero", tmp_path / "huge"
+    assert _train(checkpoint, data, unclipped, "--steps", "2", "--max-grad-norm", "0") == 0
+    assert _train(checkpoint, data, huge, "--steps", "2", "--max-grad-norm", "1e30") == 0
+    assert [m["loss"] for m in _metrics(unclipped)] == [m["loss"] for m in _metrics(huge)]
+    assert _metrics(unclipped)[1]["loss"] != _metrics(unclipped)[0]["loss"]  # it trained
+    for name, weight in _weights(huge).items():
+        torch.testing.assert_close(_weights(unclipped)[name], weight, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-grad-norm", "-1", "must be a finite number >= 0, got -1.0"),
+    ("--warmup", "-5", "must be an integer >= 0, got -5"),
+    ("--lr", "-1e-3", "must be a finite number > 0, got -0.001"),
+    ("--lr", "0", "must be a finite number > 0, got 0.0"),
+])
+def test_bad_training_arguments(checkpoint, data, tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _train(checkpoint, data, tmp_path / "out", flag, value)
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_an_out_directory_holds_one_run(checkpoint, data, tmp_path, capsys):
+    """A new run does not start over another run's outputs unless --overwrite; --resume continues only
+    the run whose model, data and arguments it was given."""
+    out = tmp_path / "out"
+    assert _train(checkpoint, data, out, "--steps", "2", "--save-every", "1") == 0
+    assert _train(checkpoint, data, out, "--steps", "2") == 1
+    assert "already holds a run (run.json, metrics.jsonl, checkpoints, loss.png): --resume" in capsys.readouterr().err
+    assert _train(checkpoint, data, out, "--steps", "3", "--resume", "--lr", "2e-2") == 1
+    assert "was trained otherwise: --lr 0.01 -> 0.02" in capsys.readouterr().err
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text().replace("fox", "cat"))
+    assert main(["train", "--model", str(checkpoint), "--data", str(other), "--out", str(out), *STEPS, "--steps", "3",
+                 "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data '" in err and "data sha256" in err
+    assert _train(checkpoint, data, out, "--steps", "1", "--overwrite") == 0
+    assert [m["step"] for m in _metrics(out)] == [1] and os.listdir(out / "checkpoints") == ["step_0000001"]
+
+
+def test_the_progress_line_is_a_line_per_step_in_a_log(checkpoint, data, tmp_path, capsys):
+    assert _train(checkpoint, data, tmp_path / "out", "--steps", "2") == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and [line.split("  ")[0] for line in err.splitlines() if line.startswith("step ")] == [
+        "step 1/2", "step 2/2"]
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for default in ("(default: 100)", "(default: 65536)", "(default: 1e-05)", "(default: 0)", "(default: 1.0)"):
+        assert default in out, default
+
+
+def test_the_loss_plot_passes_over_non_finite_losses(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the PNG fallback, which once died on NaN
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in
+                               enumerate([3.0, 2.5, float("nan"), float("inf"), 2.0], start=1)))
+    train.plot_loss(str(metrics), str(tmp_path / "loss.png"))
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
