@@ -115,7 +115,8 @@ def _check_run(args) -> None:
         with open(os.path.join(args.out, _RUN_FILE)) as f:
             before = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"--resume: {args.out!r} holds no run to continue (no {_RUN_FILE})") from None
+        raise FileNotFoundError(f"--resume: {args.out!r} has no {_RUN_FILE}, so nothing says what it holds was "
+                                f"trained with (--overwrite starts a new run there)") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"--resume: {os.path.join(args.out, _RUN_FILE)!r} is unreadable ({e})") from None
     now = run_identity(args)
