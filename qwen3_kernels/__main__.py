@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive multi-turn chat (one user message per line of stdin)",
                           formatter_class=_HelpFormatter)
     _common(chat, model_required=True)
-    chat.add_argument("--system", help="a system message to start the conversation with")
+    chat.add_argument("--system", help="a system message to start the conversation with (default: none)")
     _sampling(chat)
     _train_arguments(sub.add_parser("train", help="fine-tune on JSONL data (FSDP2; under torchrun on several GPUs)",
                                     formatter_class=_HelpFormatter))
@@ -152,13 +152,15 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="clip the gradient norm to this; 0 does not clip")
     p.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW's decoupled weight decay")
     p.add_argument("--seed", type=_seed, default=0, help="data order")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="compute dtype (default: bfloat16 on GPUs, float32 on CPUs)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES),
+                   help="compute dtype (default: bfloat16 on GPUs, float32 on CPUs)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="GPUs (NCCL) or CPUs (gloo)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="the Triton kernels (default: on GPUs)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
-    p.add_argument("--save-every", type=_positive_int, default=None, help="steps between resumable checkpoints")
+    p.add_argument("--save-every", type=_positive_int, default=None,
+                   help="steps between resumable checkpoints (default: one at the end and on Ctrl-C only)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that holds another run's outputs, deleting them")

@@ -161,7 +161,8 @@ class Config:
         """``to_hf_dict`` plus the spelling the published Qwen3 checkpoints use (``rope_theta``,
         ``rope_scaling``, ``torch_dtype``): transformers 4 reads only that one (and would fall back
         to rope_theta 10000 without it), transformers 5 reads either, vLLM and SGLang the published one."""
-        hf = {**self.to_hf_dict(), "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling}
+        hf = {**self.to_hf_dict(), "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+              "use_sliding_window": False}  # as every release says (from_hf_dict refuses a sliding window)
         if self.dtype is not None:
             hf["torch_dtype"] = self.dtype
         return hf

@@ -50,12 +50,34 @@ _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "
 
 def run(args: argparse.Namespace) -> int:
     """The whole run, on every rank. Returns the exit code (130 after Ctrl-C)."""
-    _check_paths(args)
-    rank, world, device = _init_distributed(args.device)
     try:
-        return Trainer(args, rank, world, device).train()
-    finally:
-        dist.destroy_process_group()
+        with _same_on_every_rank():
+            _check_paths(args)
+        rank, world, device = _init_distributed(args.device)
+        try:
+            return Trainer(args, rank, world, device).train()
+        finally:
+            dist.destroy_process_group()
+    except _ReportedByLocalRank0:
+        return 1  # its error is printed by local rank 0
+
+
+class _ReportedByLocalRank0(Exception):
+    """A fault every rank of a machine found alike, which its first rank reports for all of them."""
+
+
+@contextlib.contextmanager
+def _same_on_every_rank(*errors: type[Exception]):
+    """For checks every rank makes on the same arguments and files (and for faults the ranks agree on,
+    such as a non-finite loss): under torchrun each rank would print the same error; only each
+    machine's first rank does (the files are the machine's). Faults a rank may meet alone, such as
+    running out of memory, are still reported by that rank."""
+    try:
+        yield
+    except errors or (OSError, ValueError, KeyError):
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            raise _ReportedByLocalRank0() from None
+        raise
 
 
 def _check_paths(args) -> None:
@@ -99,7 +121,14 @@ def run_identity(args) -> dict:
                 "model config.json sha256": digest(os.path.join(args.model, "config.json")),
                 "data": os.path.abspath(args.data), "data sha256": digest(args.data)}
     identity.update({f"--{name.replace('_', '-')}": getattr(args, name) for name in _RUN_ARGUMENTS})
+    # the values the defaults stand for, so spelling a default out does not make another run
+    identity["--micro-batch-tokens"] = args.micro_batch_tokens or args.tokens_per_step // _world_size()
+    identity["--dtype"] = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     return identity
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the process group does not exist yet
 
 
 def _check_run(args) -> None:
@@ -111,6 +140,8 @@ def _check_run(args) -> None:
             raise FileExistsError(f"--out {args.out!r} already holds a run ({', '.join(held)}): --resume continues "
                                   "it, --overwrite starts a new one there, or choose another --out")
         return
+    if not held:
+        raise FileNotFoundError(f"--resume: {args.out!r} holds no run to continue")
     try:
         with open(os.path.join(args.out, _RUN_FILE)) as f:
             before = json.load(f)
@@ -152,14 +183,18 @@ class Trainer:
         self.args, self.rank, self.world, self.device = args, rank, world, device
         self.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda"
                                                                      else torch.float32)
-        self.config = Config.from_pretrained(args.model)
-        micro = args.micro_batch_tokens or args.tokens_per_step // world
-        if args.tokens_per_step % micro or (args.tokens_per_step // micro) % world:
-            raise ValueError(f"--tokens-per-step {args.tokens_per_step} must be a whole number of micro-batches "
-                             f"(--micro-batch-tokens {micro}) for each of the {world} ranks")
-        self.micro_tokens, self.micro_per_rank = micro, args.tokens_per_step // micro // world
-        self.tokenizer = Tokenizer.from_pretrained(args.model)
-        self.examples = read_jsonl(args.data, self.tokenizer, max_len=min(micro, self.config.max_position_embeddings))
+        with _same_on_every_rank():
+            self.config = Config.from_pretrained(args.model)
+            micro = args.micro_batch_tokens or args.tokens_per_step // world
+            if args.tokens_per_step % micro or (args.tokens_per_step // micro) % world:
+                raise ValueError(f"--tokens-per-step {args.tokens_per_step} must be a whole number of micro-batches "
+                                 f"(--micro-batch-tokens {micro}) for each of the {world} ranks")
+            self.micro_tokens, self.micro_per_rank = micro, args.tokens_per_step // micro // world
+            self.tokenizer = Tokenizer.from_pretrained(args.model)
+            # Each example is cut to the model's context, which the micro-batch packing several examples
+            # may exceed (65,536 tokens against every published Qwen3's 40,960), and to the micro-batch.
+            self.max_example_tokens = min(micro, self.config.max_position_embeddings)
+            self.examples = read_jsonl(args.data, self.tokenizer, max_len=self.max_example_tokens)
         self.model = self._build_model()
         self.n_params = sum(p.numel() for p in self.model.parameters())  # for MFU
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95),
@@ -290,8 +325,11 @@ class Trainer:
                     json.dump(run_identity(args), f, indent=2)
             dist.barrier()
         if self.rank == 0 and self.examples.truncated:
-            print(f"note: {self.examples.truncated} of {len(self.examples.tokens)} examples were longer than "
-                  f"{self.micro_tokens} tokens and were cut", file=sys.stderr)
+            limit = (f"the model's {self.max_example_tokens}-token context"
+                     if self.max_example_tokens == self.config.max_position_embeddings
+                     else f"a {self.max_example_tokens}-token micro-batch")
+            print(f"note: {self.examples.truncated} of {len(self.examples.tokens)} examples were longer than {limit} "
+                  "and were cut to it", file=sys.stderr)
         started, first = time.perf_counter(), self.step + 1
         try:
             for step in range(self.step + 1, args.steps + 1):
@@ -309,11 +347,14 @@ class Trainer:
             self.save_checkpoint()
             return 130
         except NonFiniteStep as e:
+            if self.rank == 0 and sys.stderr.isatty():
+                print(file=sys.stderr)  # the error goes below the redrawn progress line, not onto it
             # The weights are still those of the last good step: keep them as a checkpoint, write no model.
             if self.step and not os.path.isdir(self._checkpoint_dir(self.step)):
                 self.save_checkpoint()
             kept = f"the last good state is {self._checkpoint_dir(self.step)}" if self.step else "nothing was saved"
-            raise RuntimeError(f"{e}; stopped before updating the weights, {kept}") from None
+            with _same_on_every_rank(RuntimeError):  # every rank stops at the step whose sums are not finite
+                raise RuntimeError(f"{e}; stopped before updating the weights, {kept}") from None
         if self.rank == 0 and sys.stderr.isatty():
             print(file=sys.stderr)  # ends the redrawn progress line
         self.save_checkpoint()
@@ -353,8 +394,9 @@ class Trainer:
             first = str(e).strip().splitlines()
             cause = next((line.strip() for line in first if "Error" in line or "size" in line), first[0] if first
                          else type(e).__name__)
-            raise RuntimeError(f"--resume: {os.path.join(self.checkpoints, found[-1])!r} does not fit this model "
-                               f"({cause[:300]})") from None
+            with _same_on_every_rank(RuntimeError):  # dcp.load fails on every rank together
+                raise RuntimeError(f"--resume: {os.path.join(self.checkpoints, found[-1])!r} does not fit this "
+                                   f"model ({cause[:300]})") from None
         set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.step = int(state["step"])
@@ -371,15 +413,21 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
-            save_hf_checkpoint(state, self.config, out, dtype=self.config.torch_dtype or torch.float32)
+            with open(os.path.join(self.args.model, "config.json")) as f:
+                given = json.load(f)
+            save_hf_checkpoint(state, self.config, out, dtype=self.config.torch_dtype or torch.float32, keep=given)
             for name in _COPIED_FILES:
                 if os.path.isfile(os.path.join(self.args.model, name)):
                     shutil.copy2(os.path.join(self.args.model, name), os.path.join(out, name))
         dist.barrier()
 
 
-def save_hf_checkpoint(state: dict[str, torch.Tensor], config: Config, out: str, dtype: torch.dtype) -> None:
-    """Our state dict written as a transformers Qwen3 checkpoint in ``dtype``."""
+def save_hf_checkpoint(state: dict[str, torch.Tensor], config: Config, out: str, dtype: torch.dtype,
+                       keep: dict | None = None) -> None:
+    """Our state dict written as a transformers Qwen3 checkpoint in ``dtype``. Its config.json spells
+    the model both as the published checkpoints do (which transformers 4 reads) and as transformers 5
+    writes it; the keys of ``keep`` (the input checkpoint's config.json) that the model does not define,
+    such as its token ids, are kept."""
     from safetensors.torch import save_file
 
     from .loading import local_to_hf
@@ -395,7 +443,8 @@ def save_hf_checkpoint(state: dict[str, torch.Tensor], config: Config, out: str,
         size += nbytes
     with open(os.path.join(out, "config.json"), "w") as f:
         name = str(dtype).removeprefix("torch.")
-        json.dump({**config.to_published_hf_dict(), "dtype": name, "torch_dtype": name}, f, indent=2)
+        json.dump({**(keep or {}), **config.to_published_hf_dict(), "dtype": name, "torch_dtype": name}, f,
+                  indent=2)
     if len(shards) == 1:
         save_file(shards[0], os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
         return

@@ -114,6 +114,22 @@ def test_to_hf_dict_round_trips_and_builds_transformers_twin(size):
         assert hf_config.rope_parameters["rope_type"] == ("yarn" if c.rope_scaling else "default")
 
 
+@pytest.mark.parametrize("size", ["0.6B", "8B"])
+def test_published_spelling_round_trips_and_builds_transformers_twin(tmp_path, size):
+    """The trainer's config.json: the released files' keys (rope_theta, rope_scaling, torch_dtype, which
+    transformers 4 reads; without them it uses rope_theta 10000) with their values, beside transformers
+    5's rope_parameters; both readers, ours and transformers 5's, see the same model, YaRN included."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    for changes in ({}, {"rope_scaling": yarn, "max_position_embeddings": 131072}):
+        released = {**SHARED, **PUBLISHED[size], **changes}
+        c = Config.from_pretrained(_published_json(tmp_path, size, **changes))
+        out = json.loads(json.dumps(c.to_published_hf_dict()))
+        assert {key: out.get(key) for key in released} == released
+        assert Config.from_hf_dict(out) == c
+        hf_config = transformers.Qwen3Config(**out)
+        assert hf_config.rope_parameters == {**(c.rope_scaling or {"rope_type": "default"}), "rope_theta": c.rope_theta}
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope type 'linear' is not supported"),
     (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope type 'dynamic' is not supported"),

@@ -105,11 +105,27 @@ def test_top_k_and_top_p_keep_exactly_the_right_tokens():
     torch.testing.assert_close(counts, probs[0], atol=0.03, rtol=0)
 
 
+def test_vocab_size_limits_the_ids_drawn(pair):
+    """generate(vocab_size=n) draws only ids below n (the tokenizer's tokens, not the model's spare
+    embedding rows, which published Qwen3 checkpoints have); greedy picks the best of those."""
+    model, _ = pair
+    ids, n = _ids(2, 5), 50
+
+    def hot(**kw):  # a temperature at which nearly every id is likely
+        return model.generate(ids, 20, temperature=5.0, generator=torch.Generator().manual_seed(0), **kw)[:, 5:]
+
+    assert hot().max() >= n and hot(vocab_size=n).max() < n
+    with torch.no_grad():
+        best = model(ids)[:, -1, :n].argmax(-1)
+    assert torch.equal(model.generate(ids, 1, vocab_size=n)[:, 5], best)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
     (dict(max_new_tokens=5, temperature=-1.0), "temperature must be a finite number >= 0"),
     (dict(max_new_tokens=5, top_k=0), "top_k must be a positive integer"),
     (dict(max_new_tokens=5, top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(max_new_tokens=5, vocab_size=0), "vocab_size must be a positive integer"),
     (dict(max_new_tokens=60), r"prompt of 7 tokens plus max_new_tokens=60 exceeds .*max_position_embeddings=64"),
 ])
 def test_bad_generate_arguments(pair, kwargs, message):

@@ -4,6 +4,7 @@ against transformers, the loss on memorisable data, and the errors a user can ma
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from conftest import make_hf_model, write_tokenizer
 
 from qwen3_kernels import QWEN, train
 from qwen3_kernels.__main__ import main
+from qwen3_kernels.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,6 +49,28 @@ def data(tmp_path):
 
 def _train(checkpoint, data, out, *extra):
     return main(["train", "--model", str(checkpoint), "--data", str(data), "--out", str(out), *STEPS, *extra])
+
+
+def _torchrun_2_ranks(checkpoint, data, out, *extra):
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", port, "-m", "qwen3_kernels", "train", "--model",
+                           str(checkpoint), "--data", str(data), "--out", str(out), *STEPS, *extra],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+
+
+def _in_published_spelling(path) -> dict:
+    """Rewrites the checkpoint's config.json (transformers 5's spelling) as the released Qwen3 files
+    spell it (rope_theta, rope_scaling, torch_dtype bfloat16, the token ids); returns it."""
+    config = json.loads((path / "config.json").read_text())
+    theta = config.pop("rope_parameters")["rope_theta"]
+    del config["dtype"]
+    config.update(rope_theta=theta, rope_scaling=None, torch_dtype="bfloat16", bos_token_id=151643,
+                  eos_token_id=151645, transformers_version="4.51.0")
+    (path / "config.json").write_text(json.dumps(config))
+    return config
 
 
 def _metrics(out):
@@ -93,18 +117,12 @@ def test_two_ranks_match_one_process(checkpoint, data, tmp_path):
     losses and final weights of one process accumulating all 4."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert _train(checkpoint, data, one, "--steps", "3") == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_addr", "127.0.0.1", "--master_port", port, "-m", "qwen3_kernels", "train", "--model", str(checkpoint), "--data",
-                             str(data), "--out", str(two), "--steps", "3", *STEPS], env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = _torchrun_2_ranks(checkpoint, data, two, "--steps", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     for a, b in zip(_metrics(one), _metrics(two), strict=True):
         assert (a["step"], a["tokens"]) == (b["step"], b["tokens"])
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     mine, theirs = _weights(one), _weights(two)
     assert set(mine) == set(theirs)
     for name in mine:
@@ -179,6 +197,7 @@ def test_loss_falls_on_memorisable_data(checkpoint, tmp_path):
     ("directory", r"--data '.*' is a directory, not a JSONL file"),
     ("content type", r"data.jsonl:1: message 0's content must be a string or a list of text parts"),
     ("resume another model", r"--resume: the run in '.*' was trained otherwise: model '.*' -> '.*'"),
+    ("resume nothing", r"--resume: '.*out' holds no run to continue"),
 ])
 def test_errors_are_one_line(checkpoint, data, tmp_path, capsys, case, message):
     model, out, extra = str(checkpoint), tmp_path / "out", []
@@ -198,13 +217,14 @@ def test_errors_are_one_line(checkpoint, data, tmp_path, capsys, case, message):
                                                  {"role": "assistant", "content": "x"}]}) + "\n")
     elif case == "resume another model":
         assert _train(checkpoint, data, out, "--steps", "1") == 0
-        import shutil
         model = str(tmp_path / "another")
         shutil.copytree(checkpoint, model)
         edit = json.loads((checkpoint / "config.json").read_text())
         (tmp_path / "another" / "config.json").write_text(json.dumps({**edit, "num_hidden_layers": 1}))
         capsys.readouterr()
         extra = [*STEPS, "--resume"]
+    elif case == "resume nothing":
+        extra = ["--resume"]
     else:
         extra = ["--tokens-per-step", "100", "--micro-batch-tokens", "32"]
     assert main(["train", "--model", model, "--data", str(data), "--out", str(out), "--device", "cpu", *extra]) == 1
@@ -220,6 +240,7 @@ def test_the_readme_command_on_a_published_qwen3_config(tmp_path):
     tok = write_tokenizer(path)
     make_hf_model(vocab_size=tok.get_vocab_size(), max_position_embeddings=40960).save_pretrained(path)
     write_tokenizer(path)
+    _in_published_spelling(path)
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps({"text": f"{i} " + "The quick brown fox jumps over the lazy dog. " * 60}) + "\n"
                             for i in range(72)))
@@ -300,8 +321,9 @@ def test_the_progress_line_is_a_line_per_step_in_a_log(checkpoint, data, tmp_pat
 def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    out = capsys.readouterr().out
-    for default in ("(default: 100)", "(default: 65536)", "(default: 1e-05)", "(default: 0)", "(default: 1.0)"):
+    out = " ".join(capsys.readouterr().out.split())  # as one line, wherever argparse wraps it
+    for default in ("(default: 100)", "(default: 65536)", "(default: 1e-05)", "(default: 0)", "(default: 1.0)",
+                    "(default: one at the end and on Ctrl-C only)"):
         assert default in out, default
 
 
@@ -312,3 +334,71 @@ def test_the_loss_plot_passes_over_non_finite_losses(tmp_path, monkeypatch):
                                enumerate([3.0, 2.5, float("nan"), float("inf"), 2.0], start=1)))
     train.plot_loss(str(metrics), str(tmp_path / "loss.png"))
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_example_longer_than_the_context_is_cut_to_it(checkpoint, tmp_path, capsys):
+    """A 512-token micro-batch packs examples for a 128-token model: an example longer than the
+    context is cut to the context (the micro-batch's length would exceed it), the shorter one is kept."""
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"text": "The quick brown fox jumps over the lazy dog. " * 40}) + "\n"
+                    + json.dumps(EXAMPLES[0]) + "\n")
+    short = len(Tokenizer.from_pretrained(checkpoint).encode(EXAMPLES[0]["text"])) + 1  # + <|endoftext|>
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(checkpoint), "--data", str(data), "--out", str(out), "--steps", "1",
+                 "--tokens-per-step", "512", "--device", "cpu"]) == 0
+    assert "note: 1 of 2 examples were longer than the model's 128-token context and were cut to it" in \
+        capsys.readouterr().err
+    assert _metrics(out)[0]["tokens"] == 128 + short
+
+
+def test_resuming_with_a_default_spelled_out_is_the_same_run(checkpoint, data, tmp_path):
+    out, common = tmp_path / "out", ["--tokens-per-step", "128", "--lr", "1e-2", "--device", "cpu"]
+    assert main(["train", "--model", str(checkpoint), "--data", str(data), "--out", str(out), "--steps", "1",
+                 *common]) == 0
+    assert main(["train", "--model", str(checkpoint), "--data", str(data), "--out", str(out), "--steps", "2",
+                 *common, "--dtype", "float32", "--micro-batch-tokens", "128", "--resume"]) == 0
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+
+
+def test_a_fault_every_rank_finds_is_printed_by_local_rank_0_only(checkpoint, data, tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank checks the same --model, --data and --out: the other ranks exit 1
+    quietly (local rank 0 of each machine prints the one line)."""
+    out = tmp_path / "out"
+    assert _train(checkpoint, data, out, "--steps", "1") == 0
+    another = tmp_path / "another"
+    shutil.copytree(checkpoint, another)
+    capsys.readouterr()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _train(another, data, out, "--steps", "2", "--resume") == 1
+    assert _train(checkpoint, tmp_path, out, "--steps", "2") == 1  # a directory as --data
+    assert capsys.readouterr().err == ""
+    forward = QWEN.forward  # and a non-finite loss, which the ranks find together (all-reduced)
+    monkeypatch.setattr(QWEN, "forward", lambda self, *a, **k: forward(self, *a, **k) * float("nan"))
+    assert _train(checkpoint, data, tmp_path / "nan", "--steps", "2") == 1
+    assert "error" not in capsys.readouterr().err
+
+
+def test_bad_data_under_torchrun_is_one_error_line(checkpoint, tmp_path):
+    """Each rank reads --data after the process group starts; only local rank 0 says what is wrong."""
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(json.dumps(EXAMPLES[0]).encode() + b'\n{"text": "caf\xe9"}\n')
+    result = _torchrun_2_ranks(checkpoint, data, tmp_path / "out")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {data}:2: not UTF-8 (byte 0xe9 at column 14)"], result.stderr[-3000:]
+
+
+def test_config_json_keeps_the_published_spelling_of_the_input(checkpoint, data, tmp_path):
+    """A checkpoint in the released files' spelling (rope_theta, rope_scaling, torch_dtype, token ids)
+    comes out with every one of its keys and values, so transformers 4 reads the same model; the
+    weights are written in its torch_dtype."""
+    published = tmp_path / "published"
+    shutil.copytree(checkpoint, published)
+    given = _in_published_spelling(published)
+    out = tmp_path / "out"
+    assert _train(published, data, out, "--steps", "1") == 0
+    written = json.loads((out / "config.json").read_text())
+    assert {key: written.get(key) for key in given} == given
+    assert written["dtype"] == "bfloat16" and written["rope_parameters"] == {"rope_type": "default",
+                                                                             "rope_theta": given["rope_theta"]}
+    assert {w.dtype for w in _weights(out).values()} == {torch.bfloat16}
