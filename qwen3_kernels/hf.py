@@ -20,8 +20,10 @@ parameters, their names and the state dict stay as they are: only ``forward`` me
   accumulation) and ``logits_to_keep``. In eval mode, or with ``skip_logits=False``, logits as before.
 
 Anything outside that (another architecture, a transformers older than 5) is an error that says so.
-Where a module's inputs do not fit a kernel (mixed dtypes under autocast, a PEFT-wrapped norm or LM
-head), that module runs transformers' own code: slower, never different.
+Where a module's inputs do not fit a kernel (a PEFT-wrapped norm or LM head), that module runs
+transformers' own code: slower, never different. Under autocast on an fp32 model, half activations
+meet fp32 norm weights and cos/sin: the kernels take them (fp32 math), and outputs keep the dtypes
+transformers' modules give (an RMSNorm promotes to its weight's dtype).
 """
 
 from __future__ import annotations
@@ -204,9 +206,14 @@ def register_attention() -> None:
 # --- the patched forwards ---------------------------------------------------------------------------
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    if self.weight.dtype != hidden_states.dtype:  # autocast: transformers promotes; keep its result
-        return _ORIGINAL["Qwen3RMSNorm"](self, hidden_states)
-    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    weight, dtype = self.weight, hidden_states.dtype
+    if torch.promote_types(weight.dtype, dtype) == dtype:
+        return ops.rms_norm(hidden_states, weight, self.variance_epsilon)
+    # transformers returns weight * normed.to(input dtype) in the promoted dtype: an fp32 weight (autocast
+    # on an fp32 model) makes half activations fp32. The kernel normalises (unit weight) and the weight
+    # multiplies in that dtype, as there.
+    unit = torch.ones_like(weight, dtype=dtype)
+    return weight * ops.rms_norm(hidden_states, unit, self.variance_epsilon)
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:

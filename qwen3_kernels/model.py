@@ -41,7 +41,8 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
 class Attend(NamedTuple):
     """Which keys each query of one forward sees besides causality: a KV cache's filled length per
     sequence (``kv_lens`` (B,)), or packed sequences, each seeing only itself (``cu_seqlens``
-    (n + 1,) int32 prefix sums of their lengths, ``max_seqlen`` the longest); by default, its row."""
+    (n + 1,) int32 prefix sums of their lengths over the B * T tokens, rows one after another,
+    ``max_seqlen`` the longest); by default, its row."""
     kv_lens: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
@@ -135,8 +136,10 @@ class GQA(nn.Module):
             k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # (B, max_len, Hkv, D)
             q = self.ops.qk_norm_rope_into_cache(q, k, v, qw, kw, cos, sin, k_cache, v_cache, positions, eps)
             k, v = k_cache, v_cache  # attend over everything cached so far, these tokens included
+        if attend.cu_seqlens is not None:  # packed sequences, the rows back to back: (1, B * T, ., D)
+            q, k, v = q.reshape(1, B * T, H, D), k.reshape(1, B * T, Hkv, D), v.reshape(1, B * T, Hkv, D)
         out = self.ops.attention(q, k, v, causal=True, kv_lens=attend.kv_lens, cu_seqlens=attend.cu_seqlens,
-                                 max_seqlen=attend.max_seqlen)             # (B, T, H, D)
+                                 max_seqlen=attend.max_seqlen)             # (B, T, H, D) or (1, B * T, H, D)
         return self.o_proj(out.reshape(B, T, H * D))
 
 
@@ -250,45 +253,44 @@ class QWEN(nn.Module):
         by ``num_items_in_batch`` when given (the count over a whole accumulated batch). Fused, the
         logits are never built.
 
-        ``position_ids`` (B, T) sets each token's rotary position. Packed sequences (a padding-free
-        batch, ``input_ids`` (1, total) holding several examples back to back): position_ids that
-        restart at 0 for each example (transformers' convention), or ``cu_seqlens`` ((n + 1,) int32
-        prefix sums of the example lengths) and ``max_seqlen``; each example attends only to itself
-        and gets the logits it would get alone. Passing cu_seqlens and max_seqlen avoids reading
-        them from the device."""
-        packed = cu_seqlens is not None or (position_ids is not None and input_ids.shape[0] == 1)
+        ``position_ids`` (B, T) sets each token's rotary position, and, as in transformers, where the
+        sequences are: one starts at each row's first token and wherever the position does not go up by
+        one. A row 3, 4, ..., 18 is one sequence continued from position 3; a padding-free batch
+        (``input_ids`` (1, total) holding several examples back to back) restarts the positions at 0
+        for each example, and each example attends only to itself, getting the logits it would get
+        alone. Instead of position_ids, packed examples can be given as ``cu_seqlens`` ((n + 1,) int32
+        prefix sums of the example lengths in the one row) and ``max_seqlen``, which avoids reading
+        them from the device. The model's context (``max_position_embeddings``) limits each example,
+        not the row that packs them."""
         checking = not torch.compiler.is_compiling()
         if checking:
-            self._check_input(input_ids, cache, packed)
+            self._check_input(input_ids, cache, position_ids, cu_seqlens)
             if labels is not None:
                 self._check_labels(input_ids, labels, cache, last_only)
         positions, attend = position_ids, Attend()
-        if packed:
-            if cache is not None:
-                raise ValueError("packed sequences (position_ids or cu_seqlens) cannot continue a KV cache")
-            positions, attend = self._packed_sequences(input_ids, position_ids, cu_seqlens, max_seqlen)
-            if checking and attend.max_seqlen > self.config.max_position_embeddings:
-                # The context limits each example, not the row that packs them.
-                raise ValueError(f"a packed example of {attend.max_seqlen} tokens exceeds the model's max context "
-                                 f"(max_position_embeddings={self.config.max_position_embeddings})")
+        if cu_seqlens is not None or position_ids is not None:
+            positions, attend = self._sequences(input_ids, position_ids, cu_seqlens, max_seqlen)
+            if checking:
+                self._check_context(input_ids, position_ids, attend)
         return self._forward(input_ids, cache, last_only, labels, num_items_in_batch, positions, attend)
 
-    def _packed_sequences(self, input_ids, position_ids, cu_seqlens, max_seqlen) -> tuple[torch.Tensor, Attend]:
-        """(positions (1, total), Attend) of a packed batch, from position_ids or cu_seqlens."""
-        total, device = input_ids.shape[1], input_ids.device
-        if position_ids is not None and position_ids.shape != input_ids.shape:
-            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} must equal input_ids shape "
-                             f"{tuple(input_ids.shape)}")
+    def _sequences(self, input_ids, position_ids, cu_seqlens, max_seqlen) -> tuple[torch.Tensor, Attend]:
+        """(positions, Attend) for position_ids or cu_seqlens: where each sequence starts, and each
+        token's rotary position (read from position_ids, else its place in its own example)."""
+        if position_ids is not None:
+            position_ids = position_ids.expand_as(input_ids)  # (1, T): the same positions for every row
         if cu_seqlens is None:
-            # Each example starts where the positions restart at 0; the row's first token starts one
-            # whatever its position, so a single sequence continued from position p (p, p+1, ...) is
-            # one causal sequence with those rotary positions, as transformers runs it.
-            restarts = position_ids[0] == 0
-            restarts[0] = True
-            starts = torch.nonzero(restarts).flatten()
-            cu_seqlens = torch.cat([starts, starts.new_tensor([total])]).to(torch.int32)
+            # transformers' rule: a sequence starts at each row's first token and wherever the position
+            # does not go up by one (a restart at 0 for each packed example)
+            B, T = position_ids.shape
+            starts = torch.ones_like(position_ids, dtype=torch.bool)
+            starts[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1] != 1
+            starts = torch.nonzero(starts.flatten()).flatten()
+            if starts.numel() == B:  # one sequence a row: plain causal attention at these positions
+                return position_ids, Attend()
+            cu_seqlens = torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
         if position_ids is None:  # each token's place in its own example
-            tokens = torch.arange(total, device=device)
+            tokens = torch.arange(input_ids.shape[1], device=input_ids.device)
             example = torch.searchsorted(cu_seqlens[1:].to(torch.int64), tokens, right=True)
             position_ids = (tokens - cu_seqlens.to(torch.int64)[example])[None]
         if max_seqlen is None:
@@ -329,7 +331,8 @@ class QWEN(nn.Module):
         w = self.embeddings.weight
         return KVCache.empty(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
 
-    def _check_input(self, input_ids: torch.Tensor, cache: KVCache | None = None, packed: bool = False) -> None:
+    def _check_input(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                     position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> None:
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
@@ -347,7 +350,9 @@ class QWEN(nn.Module):
             raise RuntimeError("a KVCache is for inference: it is written in place, which autograd cannot "
                                "differentiate through; run cached forwards under torch.no_grad() or "
                                "torch.inference_mode()")
-        if T > limit and not packed:  # a packed row's examples are checked one by one (forward)
+        if position_ids is not None or cu_seqlens is not None:
+            self._check_sequences(input_ids, cache, position_ids, cu_seqlens)
+        elif T > limit:  # with position_ids or cu_seqlens, each sequence is checked (_check_context)
             raise ValueError(f"sequence length {T} exceeds the model's max context "
                              f"(max_position_embeddings={limit})")
         if cache is not None:
@@ -365,6 +370,42 @@ class QWEN(nn.Module):
             raise ValueError(f"input_ids contains token id {hi} >= vocab_size {self.config.vocab_size}")
         if self.fused:
             self._warn_fallbacks(input_ids.device, self.embeddings.weight.dtype)
+
+    @staticmethod
+    def _check_sequences(input_ids, cache, position_ids, cu_seqlens) -> None:
+        if cache is not None:
+            raise ValueError("position_ids and cu_seqlens cannot continue a KV cache: the cache places the new "
+                             "tokens after the cached ones (cache.lens onward)")
+        if position_ids is not None:
+            if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"position_ids must be an int64 (or int32) tensor, got "
+                                f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
+            if position_ids.shape not in (input_ids.shape, (1, input_ids.shape[1])):
+                raise ValueError(f"position_ids shape {tuple(position_ids.shape)} must equal input_ids shape "
+                                 f"{tuple(input_ids.shape)} (or be (1, {input_ids.shape[1]}): one row for all)")
+            if position_ids.device != input_ids.device:
+                raise ValueError(f"position_ids are on {position_ids.device}, input_ids on {input_ids.device}")
+        if cu_seqlens is not None and input_ids.shape[0] != 1:
+            raise ValueError(f"cu_seqlens packs examples into one row: input_ids must be (1, total), got "
+                             f"{tuple(input_ids.shape)}")
+
+    def _check_context(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, attend: Attend) -> None:
+        """The context limits each sequence (each packed example, not the row that packs them), and
+        the positions it reaches."""
+        limit = self.config.max_position_embeddings
+        if attend.cu_seqlens is not None and attend.max_seqlen > limit:
+            raise ValueError(f"a packed example of {attend.max_seqlen} tokens exceeds the model's max context "
+                             f"(max_position_embeddings={limit})")
+        if attend.cu_seqlens is None and input_ids.shape[1] > limit:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's max context "
+                             f"(max_position_embeddings={limit})")
+        if position_ids is not None:
+            lo, hi = int(position_ids.min()), int(position_ids.max())
+            if lo < 0:
+                raise ValueError(f"position_ids must not be negative, got {lo}")
+            if hi >= limit:
+                raise ValueError(f"position_ids reach {hi}, beyond the model's max context "
+                                 f"(max_position_embeddings={limit}: positions 0 .. {limit - 1})")
 
     def _check_labels(self, input_ids: torch.Tensor, labels: torch.Tensor, cache, last_only: bool) -> None:
         if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):

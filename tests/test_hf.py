@@ -111,26 +111,76 @@ def test_packed_batch_from_the_flattening_collator(backend, flash_kwargs):
         torch.testing.assert_close(my_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("qk_norm_rope", [True, False], ids=["fused_qk_norm_rope", "transformers_qk_norm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_packed_batch_under_autocast(backend, dtype):
-    """fp32 weights under torch.autocast (Trainer's bf16=True on an fp32 model, TRL's default): q/k
-    meet fp32 norm weights and cos/sin beside a half v. Every packed example keeps to itself: the
-    patched model's packed logits are within the rule of each example run alone in fp32, against the
-    unpatched model's packed logits under the same autocast."""
+def test_packed_batch_under_autocast(backend, dtype, qk_norm_rope, monkeypatch):
+    """fp32 weights under torch.autocast (Trainer's bf16=True on an fp32 model, TRL's default), packed
+    by DataCollatorWithFlattening: q/k meet fp32 norm weights and cos/sin beside a half v (with
+    transformers' own QK-norm, q/k come out fp32 and are cast to the autocast dtype, as SDPA would).
+    Every layer's attention runs the kernel and every packed example keeps to itself: the patched
+    model's logits, loss and gradients are within the rule of the fp32 packed run, against the
+    unpatched model's under the same autocast."""
     if backend == "triton" and dtype == torch.bfloat16 and KERNEL_DEVICE == "cpu":
         pytest.skip("Triton's interpreter computes tl.dot on bfloat16 wrongly; fp16 covers the interpreter")
     g = torch.Generator().manual_seed(7)
     examples = [torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist() for n in LENGTHS]
     collate = transformers.DataCollatorWithFlattening()
-    batch = collate([{"input_ids": e} for e in examples])
-    ids, positions = batch["input_ids"].to(KERNEL_DEVICE), batch["position_ids"].to(KERNEL_DEVICE)
-    eager, ours = _model().eval(), _model(patched=True).eval()
+    batch = {k: v.to(KERNEL_DEVICE) for k, v in collate([{"input_ids": e, "labels": e} for e in examples]).items()}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    eager, ours = _model(), hf.apply_kernels(_model(), qk_norm_rope=qk_norm_rope)
     with torch.no_grad():
-        exact = torch.cat([eager(torch.tensor([e], device=KERNEL_DEVICE)).logits for e in examples], dim=1)
-        with torch.autocast(torch.device(KERNEL_DEVICE).type, dtype=dtype):
-            theirs = eager(input_ids=ids, position_ids=positions, use_cache=False).logits
-            mine = ours(input_ids=ids, position_ids=positions, use_cache=False).logits
+        alone = torch.cat([eager.eval()(torch.tensor([e], device=KERNEL_DEVICE)).logits for e in examples], dim=1)
+        exact = eager(**inputs, use_cache=False).logits
+    torch.testing.assert_close(exact, alone, rtol=1e-5, atol=1e-5)  # the fp32 packed run is the truth
+    runs = [_loss_and_grads(eager, **batch, use_cache=False)]
+    attention_calls = []
+    kernel = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: attention_calls.append(1) or kernel(*a, **k))
+    with torch.autocast(torch.device(KERNEL_DEVICE).type, dtype=dtype):
+        with torch.no_grad():
+            theirs = eager.eval()(**inputs, use_cache=False).logits
+            mine = ours.eval()(**inputs, use_cache=False).logits
+        runs += [_loss_and_grads(m, **batch, use_cache=False) for m in (eager, ours)]
+    assert mine.dtype == theirs.dtype
     assert_within_rule(mine.float(), theirs.float(), exact, atol=ATOL[dtype], name="packed logits under autocast")
+    (truth, true_grads), (their_run, their_grads), (my_run, my_grads) = runs
+    assert_within_rule(my_run.loss.float(), their_run.loss.float(), truth.loss, atol=ATOL[dtype], name="loss")
+    for name, grad in true_grads.items():
+        assert my_grads[name].dtype == grad.dtype, name
+        assert_within_rule(my_grads[name], their_grads[name], grad, factor=3.0, atol=ATOL[dtype], name=name)
+    assert len(attention_calls) == 2 * TINY["num_hidden_layers"]  # no layer fell back to SDPA
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                              (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_patched_norm_promotes_as_transformers(backend, x_dtype, w_dtype, monkeypatch):
+    """A norm weight in another dtype than its input (fp32 weights beside bf16 activations under
+    autocast): the patched Qwen3RMSNorm runs the kernel and gives transformers' promoted dtype
+    (fp32 weight * bf16 -> fp32) and value (within the rule against float64); the weight's gradient
+    in its own dtype, the input's in its own."""
+    model = _model(hidden_size=100, patched=True)  # 100: not a power of two
+    norm = model.model.norm.to(w_dtype)
+    calls = []
+    kernel = ops.rms_norm
+    monkeypatch.setattr(ops, "rms_norm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    x = (2.0 * torch.randn(3, 7, 100, generator=torch.Generator().manual_seed(9))).to(KERNEL_DEVICE, x_dtype)
+    x = x.requires_grad_()
+    w = norm.weight
+    mine = norm(x)
+    assert calls == [1]
+    theirs = hf._ORIGINAL["Qwen3RMSNorm"](norm, x)
+    assert mine.dtype == theirs.dtype == torch.promote_types(x_dtype, w_dtype)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    exact = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+    assert_within_rule(mine, theirs, exact, atol=ATOL[x_dtype] * exact.abs().max().item(), name="y")
+    dy = torch.randn(mine.shape, generator=torch.Generator().manual_seed(10)).to(KERNEL_DEVICE, mine.dtype)
+    grads, their_grads = (torch.autograd.grad(y, (x, w), dy) for y in (mine, theirs))
+    true_grads = torch.autograd.grad(exact, (x64, w64), dy.double())
+    assert [g.dtype for g in grads] == [x_dtype, w_dtype]
+    # dw is rounded to w's dtype, dx to x's; both sum over values rounded to x's dtype
+    tolerances = ATOL[x_dtype], max(ATOL[x_dtype], ATOL[w_dtype])
+    for name, g, ge, g64, tol in zip(("dx", "dw"), grads, their_grads, true_grads, tolerances):
+        assert_within_rule(g, ge, g64, factor=3.0, atol=tol * max(1.0, g64.abs().max().item()), name=name)
 
 
 def test_the_sdpa_fallback_keeps_packed_examples_apart(backend):

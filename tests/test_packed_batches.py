@@ -1,9 +1,12 @@
 """Padding-free batches: the packing helper, and the model on packed examples (position_ids or
-cu_seqlens) against the same examples run one by one: logits, loss and every gradient."""
+cu_seqlens) against the same examples run one by one: logits, loss and every gradient; position_ids
+read as transformers reads them; the context limiting each example, not the row."""
 
 import pytest
 import torch
-from qwen3_kernels_testing.kernels import KERNEL_DEVICE
+from conftest import TINY, load_hf
+from qwen3_kernels_testing.float64 import assert_within_rule
+from qwen3_kernels_testing.kernels import ATOL, KERNEL_DEVICE
 
 from qwen3_kernels import QWEN, Config
 from qwen3_kernels.data import pack_examples
@@ -83,17 +86,34 @@ def test_the_context_limits_each_packed_example_not_the_row(model):
     torch.testing.assert_close(by_cu_seqlens, alone, rtol=1e-5, atol=1e-5)
 
 
-def test_one_row_of_positions_not_starting_at_0_is_one_sequence(model):
-    """position_ids 3..18 on one row continue a sequence from position 3 (transformers: rotary positions
-    3..18, causal over the row), exactly what the same row gives in a batch of two, where the positions
-    are never read as packing."""
-    ids = torch.randint(0, CONFIG.vocab_size, (1, 16), generator=torch.Generator().manual_seed(6))
+# position_ids as transformers reads them: a sequence starts at each row's first token and wherever
+# the position does not go up by one; (rows of positions, batch size): one row may serve every row
+POSITION_IDS = {
+    "one row continued from 3": ([list(range(3, 19))], 1),
+    "a jump starts a sequence": ([[*range(7), *range(10, 19)]], 1),
+    "two rows, the first packed": ([[*range(7), *range(9)], list(range(2, 18))], 2),
+    "one row of positions for two": ([[*range(5), *range(11)]], 2),
+}
+
+
+@pytest.mark.parametrize("rows, batch", POSITION_IDS.values(), ids=POSITION_IDS.keys())
+def test_position_ids_mark_sequences_as_in_transformers(backend, hf_checkpoint, rows, batch):
+    """position_ids 3..18 on one row are one sequence continued from position 3 (rotary positions 3..18,
+    causal over the row), not a malformed packed batch; a jump in the positions starts a sequence, in
+    any row. Logits and loss are transformers' for the same input (Qwen3ForCausalLM without a cache,
+    as in training), within the rule against float64."""
+    path, _ = hf_checkpoint()
+    model = QWEN.from_pretrained(path, device=KERNEL_DEVICE, fused=backend == "triton")
+    exact, eager = (load_hf(path, dtype).to(KERNEL_DEVICE) for dtype in (torch.float64, torch.float32))
+    positions = torch.tensor(rows, device=KERNEL_DEVICE)
+    ids = torch.randint(0, TINY["vocab_size"], (batch, positions.shape[1]), generator=torch.Generator().manual_seed(6))
     ids = ids.to(KERNEL_DEVICE)
-    positions = torch.arange(3, 19, device=KERNEL_DEVICE)[None]
     with torch.no_grad():
-        one_row = model(ids, position_ids=positions)
-        in_a_batch = model(ids.expand(2, -1), position_ids=positions.expand(2, -1))[:1]
-    torch.testing.assert_close(one_row, in_a_batch, rtol=1e-5, atol=1e-5)
+        ours = model(ids, position_ids=positions), model(ids, position_ids=positions, labels=ids)
+        theirs, truth = ((out.logits, out.loss) for out in (
+            m(input_ids=ids, position_ids=positions, labels=ids, use_cache=False) for m in (eager, exact)))
+    for name, mine, their, true in zip(("logits", "loss"), ours, theirs, truth):
+        assert_within_rule(mine, their, true, atol=ATOL[torch.float32], name=name)
 
 
 def test_bad_packed_inputs_are_named():
@@ -113,3 +133,17 @@ def test_bad_packed_inputs_are_named():
         model(ids, model.new_cache(1, 16), cu_seqlens=torch.tensor([0, 6], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"cu_seqlens must run from 0 to the 6 packed tokens"):
         model(ids, cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="sequence length 70 exceeds the model's max context"):
+        model(too_long, position_ids=torch.arange(70)[None])  # one sequence, nothing packed
+    with pytest.raises(ValueError, match=r"position_ids reach 69, beyond the model's max context "
+                                         r"\(max_position_embeddings=64: positions 0 .. 63\)"):
+        model(ids, position_ids=torch.arange(64, 70)[None])
+    with pytest.raises(ValueError, match="position_ids must not be negative, got -2"):
+        model(ids, position_ids=torch.arange(-2, 4)[None])
+    with pytest.raises(TypeError, match="position_ids must be an int64 .* got torch.float32"):
+        model(ids, position_ids=torch.arange(6.0)[None])
+    with pytest.raises(ValueError, match=r"cu_seqlens packs examples into one row: input_ids must be \(1, total\), "
+                                         r"got \(2, 6\)"):
+        model(ids.expand(2, -1), cu_seqlens=torch.tensor([0, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match="position_ids and cu_seqlens cannot continue a KV cache"), torch.no_grad():
+        model(ids.expand(2, -1), model.new_cache(2, 16), position_ids=torch.arange(6).expand(2, -1))

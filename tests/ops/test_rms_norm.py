@@ -103,15 +103,17 @@ def test_bad_shapes_are_named():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype, w_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                            (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
 @pytest.mark.parametrize("shape", [(3, 7, 96), (37, 1000)])
-def test_half_activations_with_an_fp32_weight(device, dtype, shape):
-    """fp32 weights beside half activations (autocast, fp32 master weights): fp32 math, y and dx in
-    the activations' dtype, dw in the weight's; rms_norm and add_rms_norm."""
+def test_a_weight_in_another_dtype(device, dtype, w_dtype, shape):
+    """fp32 weights beside half activations (autocast, fp32 master weights), and any other float
+    weight: fp32 math, y and dx in the activations' dtype, dw in the weight's; rms_norm and
+    add_rms_norm."""
     kernels = _kernels()
     x = rand(*shape, dtype=dtype, device=device, scale=2.0).requires_grad_()
     r = rand(*shape, dtype=dtype, device=device, seed=3).requires_grad_()
-    w = rand(shape[-1], device=device, seed=1, scale=0.3, offset=1.0).requires_grad_()
+    w = rand(shape[-1], dtype=w_dtype, device=device, seed=1, scale=0.3, offset=1.0).requires_grad_()
     dy = rand(*shape, dtype=dtype, device=device, seed=2)
     x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, w))
     for name, run, inputs, inputs64, exact in (
@@ -124,9 +126,10 @@ def test_half_activations_with_an_fp32_weight(device, dtype, shape):
         grads = torch.autograd.grad(y, (*inputs, w), dy)
         grads_eager = torch.autograd.grad(y_eager, (*inputs, w), dy)
         grads64 = torch.autograd.grad(y64, (*inputs64, w64), dy.double())
-        assert grads[-1].dtype == torch.float32 and grads[0].dtype == dtype
+        assert [g.dtype for g in grads] == [dtype] * len(inputs) + [w_dtype]
         for i, (g, ge, g64) in enumerate(zip(grads, grads_eager, grads64)):
-            assert_within_rule(g, ge, g64, 3, atol(dtype, g64), f"{name} grad {i}")
+            rounded_to = w_dtype if g is grads[-1] and w_dtype.itemsize < dtype.itemsize else dtype
+            assert_within_rule(g, ge, g64, 3, atol(rounded_to, g64), f"{name} grad {i}")
 
 
 def test_a_weight_that_is_not_floating_point_is_named():
