@@ -362,6 +362,9 @@ class Trainer:
         if self.rank == 0:
             plot_loss(self.metrics_file, os.path.join(args.out, "loss.png"))
             print(f"saved the fine-tuned model and metrics in {args.out}", file=sys.stderr)
+        # Every rank leaves together: a gloo rank whose peer tore its process group down first was once
+        # seen to abort at exit (torch 2.11, 'terminate called without an active exception').
+        dist.barrier()
         return 0
 
     # --- checkpoints ---------------------------------------------------------------------------------
