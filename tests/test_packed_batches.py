@@ -43,15 +43,19 @@ def test_pack_examples_fills_a_token_budget():
         list(pack_examples(examples, max_tokens=64, labels=[e[1:] for e in examples]))
 
 
-def test_packed_logits_equal_each_example_alone(model):
-    examples = _examples()
-    batch = next(pack_examples(examples, max_tokens=64)).to(KERNEL_DEVICE)
+def _assert_packed_logits_equal_each_example_alone(model, examples, max_tokens):
+    batch = next(pack_examples(examples, max_tokens=max_tokens)).to(KERNEL_DEVICE)
     with torch.no_grad():
         alone = torch.cat([model(torch.tensor([e], device=KERNEL_DEVICE)) for e in examples], dim=1)
         by_positions = model(batch.input_ids, position_ids=batch.position_ids)
         by_cu_seqlens = model(batch.input_ids, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
     torch.testing.assert_close(by_positions, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(by_cu_seqlens, alone, rtol=1e-5, atol=1e-5)
+    return batch
+
+
+def test_packed_logits_equal_each_example_alone(model):
+    _assert_packed_logits_equal_each_example_alone(model, _examples(), 64)
 
 
 def test_packed_loss_and_gradients_equal_the_examples_one_by_one(model):
@@ -76,14 +80,8 @@ def test_the_context_limits_each_packed_example_not_the_row(model):
     64 tokens (the trainer packs 65,536 tokens for a 40,960-token Qwen3): each gets its logits alone."""
     g = torch.Generator().manual_seed(5)
     examples = [torch.randint(0, CONFIG.vocab_size, (n,), generator=g).tolist() for n in (30, 29, 23)]
-    batch = next(pack_examples(examples, max_tokens=96)).to(KERNEL_DEVICE)
+    batch = _assert_packed_logits_equal_each_example_alone(model, examples, 96)
     assert batch.input_ids.shape[1] > CONFIG.max_position_embeddings
-    with torch.no_grad():
-        alone = torch.cat([model(torch.tensor([e], device=KERNEL_DEVICE)) for e in examples], dim=1)
-        by_positions = model(batch.input_ids, position_ids=batch.position_ids)
-        by_cu_seqlens = model(batch.input_ids, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
-    torch.testing.assert_close(by_positions, alone, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(by_cu_seqlens, alone, rtol=1e-5, atol=1e-5)
 
 
 # position_ids as transformers reads them: a sequence starts at each row's first token and wherever
