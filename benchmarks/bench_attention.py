@@ -1,7 +1,9 @@
 """Causal GQA attention: prefill forward and forward+backward at S = 512..16k with B*S = 16k, and
 split-KV decode at batch 1/8/64 over 1k..32k of context. Qwen3-0.6B heads (16 query, 8 KV, D 128).
-Baselines: every SDPA backend (cuDNN, flash, memory-efficient) with native GQA, flash_attn when
-installed, and the eager reference."""
+Providers: ``triton`` the Triton kernels themselves (their autotuned forward tile and backward
+design, recorded in extra_info), ``served`` what ``ops.attention`` serves (the Triton kernels or
+the SDPA backend that won the race on that shape, recorded too), every SDPA backend (cuDNN, flash,
+memory-efficient) with native GQA, flash_attn when installed, and the eager reference."""
 
 import pytest
 import torch
@@ -40,8 +42,14 @@ def _sdpa(backend_name):
 
 
 def _impl(provider):
-    if provider == "triton":
-        from qwen3_kernels.ops.triton import attention
+    from qwen3_kernels.ops.triton import attention
+    if provider == "triton":  # the Triton kernels even where SDPA won the race (decode: the split-KV kernel)
+        def triton_kernels(q, k, v):
+            if attention.use_decode_kernel(q, k) and not torch.is_grad_enabled():
+                return attention.attention(q, k, v)
+            return attention._flash_attention_op(q, k, v, None, True, q.shape[-1] ** -0.5, None, 0)[0]
+        return triton_kernels
+    if provider == "served":
         return attention.attention
     if provider in SDPA_BACKENDS:
         return _sdpa(SDPA_BACKENDS[provider])
@@ -65,7 +73,7 @@ def _runs(fn, inputs, backward: bool) -> None:
 PROVIDERS = ["triton", *SDPA_BACKENDS, "flash_attn", "eager"]
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", PROVIDERS + ["served"])
 @pytest.mark.parametrize("S", PREFILL)
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 def test_prefill(benchmark, peak, provider, S, backward):
@@ -91,10 +99,15 @@ def test_prefill(benchmark, peak, provider, S, backward):
         _runs(fn, sets[0], backward)
     run(benchmark, step, sets, op="attention " + ("fwd+bwd" if backward else "fwd"),
         shape=f"{B}x{S}", provider=provider, peak=peak, flops=flops, rounds=10)
-    if provider == "triton":  # which forward tile the autotuner chose here (TMA or cp.async, ...)
-        from qwen3_kernels.ops.triton import attention
-        q, k, v = sets[0][:3]  # tuned during the runs: the cached choice comes back, nothing is launched
+    from qwen3_kernels.ops.triton import attention, tuning
+    q, k, v = sets[0][:3]  # tuned during the runs: the remembered choices come back, nothing is launched
+    if provider == "triton":  # which forward tile and backward design the autotuner chose here
         benchmark.extra_info["forward_config"] = str(attention.tuned_fwd_config(q, k, v, True, launch=None))
+        if backward:
+            benchmark.extra_info["backward_design"] = tuning.lookup(q.device, "attention backward",
+                                                                    attention.bwd_bucket(q, k, True))
+    if provider == "served":  # the Triton kernels or the SDPA backend that won this bucket's race
+        benchmark.extra_info["served_by"] = attention.race_winner(q, k, v, True, D ** -0.5, backward)
 
 
 @pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "flash_attn"])

@@ -5,7 +5,8 @@ implementation each op uses here, and time one forward pass.
 ``generate --model DIR --prompt TEXT``: stream a completion, then prefill and decode tokens/s.
 ``chat --model DIR``: an interactive multi-turn chat on stdin.
 ``train --model DIR --data FILE.jsonl --out DIR``: fine-tune (FSDP2; ``torchrun ... -m qwen3_kernels
-train`` for several GPUs)."""
+train`` for several GPUs).
+``tune --model DIR | --preset NAME``: rank the attention kernels on this GPU ahead of time."""
 
 from __future__ import annotations
 
@@ -131,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     _common(chat, model_required=True)
     chat.add_argument("--system", help="a system message to start the conversation with (default: none)")
     _sampling(chat)
+    from . import tune
+    tune.add_arguments(sub.add_parser("tune", help="rank the attention kernels on this GPU ahead of time for a model "
+                                      "(writes the tuning cache)", formatter_class=_HelpFormatter))
     _train_arguments(sub.add_parser("train", help="fine-tune on JSONL data (FSDP2; under torchrun on several GPUs)",
                                     formatter_class=_HelpFormatter))
     return p
@@ -166,7 +170,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="start a new run in an --out that holds another run's outputs, deleting them")
 
 
-COMMANDS = ("generate", "chat", "train")
+COMMANDS = ("generate", "chat", "train", "tune")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "chat":
             return _chat(args)
+        if args.command == "tune":
+            from .tune import run
+            return run(args)
         if args.command == "train":
             from .train import run
             return run(args)

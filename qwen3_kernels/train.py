@@ -37,6 +37,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from . import ops
 from .config import Config, rope_frequencies
 from .data import pack_examples, read_jsonl
 from .model import IGNORE_INDEX, QWEN
@@ -332,8 +333,11 @@ class Trainer:
                   "and were cut to it", file=sys.stderr)
         started, first = time.perf_counter(), self.step + 1
         try:
+            ops.sync_tuning()  # every rank runs rank 0's cached kernel choices ...
             for step in range(self.step + 1, args.steps + 1):
                 metrics = self.train_step(step)
+                if step == first:
+                    ops.sync_tuning()  # ... and those rank 0 tuned in the first step
                 if self.rank == 0:
                     with open(self.metrics_file, "a") as f:
                         f.write(json.dumps(metrics) + "\n")

@@ -235,3 +235,10 @@ def test_streamed_text_shows_an_unknown_id_as_nothing(checkpoint):
     ids = tok.encode("Hello world")
     decoder = tok.stream_decoder()
     assert "".join(decoder.push(i) for i in [ids[0], len(tok) + 5, *ids[1:]]) == tok.decode(ids)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_tune_without_cuda_is_one_line_and_exit_0(capsys):
+    assert main(["tune", "--preset", "0.6B"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and "no CUDA device" in out and not err

@@ -23,7 +23,7 @@ from .packing import pack_parameters  # noqa: F401  (the layout packed_linear is
 BACKEND_ENV = "QWEN3_KERNELS_BACKEND"
 BACKENDS = ("auto", "reference", "triton")
 OPS = ("rms_norm", "add_rms_norm", "apply_rope", "qk_norm_rope", "qk_norm_rope_into_cache", "swiglu", "attention",
-       "packed_linear", "linear_cross_entropy")
+       "packed_linear", "linear_cross_entropy", "moe_route", "moe_experts")
 _TL_DOT_OPS = ("attention",)  # ops whose kernels multiply matrices with tl.dot
 
 
@@ -113,8 +113,45 @@ def _decide(op: str, device: torch.device, dtype: torch.dtype, requested: str) -
 
 
 def report(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Choice]:
-    """The per-op choice on ``device`` in ``dtype``: ``{op: Choice(backend, reason, fn)}``."""
-    return {op: choose(op, device, dtype) for op in OPS}
+    """The per-op choice on ``device`` in ``dtype``: ``{op: Choice(backend, reason, fn)}``. Where the
+    Triton attention was autotuned in this process, its reason goes on with one line per tuned
+    bucket: which candidate won (a Triton tile, a backward design, or an SDPA backend in the race
+    against the Triton kernels) and by how much."""
+    choices = {op: choose(op, device, dtype) for op in OPS}
+    attention_choice = choices["attention"]
+    if attention_choice.backend == "triton":
+        tuned = [_tuning().describe(row) for row in tuning_report()]
+        if tuned:
+            choices["attention"] = attention_choice._replace(
+                reason=attention_choice.reason + "; tuned here:\n    " + "\n    ".join(tuned))
+    return choices
+
+
+def _tuning():
+    from .triton import tuning
+    return tuning
+
+
+def tuning_report() -> list[dict]:
+    """Every autotuned (op, shape bucket) this process ran or read back: the winner, each timed
+    candidate's milliseconds (fastest first), the dropped ones and why (``qwen3_kernels.ops.triton.
+    tuning.report``). Empty where Triton is not installed."""
+    try:
+        return _tuning().report()
+    except ImportError:
+        return []
+
+
+def sync_tuning() -> None:
+    """Under ``torch.distributed``: every rank takes rank 0's autotuning choices, so all ranks run
+    the same kernels. A collective: call it on every rank at the same point (after
+    ``init_process_group`` for the choices rank 0's cache holds, and after the first step for those
+    it tuned then); outside a distributed job it does nothing."""
+    try:
+        tuning = _tuning()
+    except ImportError:
+        return
+    tuning.sync()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -117,28 +117,72 @@ def test_backward_is_deterministic(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("packed", [False, True])
 def test_split_backward_equals_the_joint_one(device, packed, monkeypatch):
-    """The dK/dV kernel run as two launches (dV, then dK: sm_90's config at head dim 128) gives the
-    joint launch's gradients exactly: each element is the same sum in the same order."""
+    """The dK/dV kernel run as two launches (dV, then dK: the split design) gives the joint launch's
+    gradients exactly: each element is the same sum in the same order."""
     attn = _attention()
     q, k, v = _inputs(1, 70, 70, 8, 2, 32, torch.float16, device)
     dout = rand(1, 70, 8, 32, dtype=torch.float16, device=device, seed=3)
     packing = dict(cu_seqlens=torch.tensor([0, 33, 70], dtype=torch.int32, device=device), max_seqlen=37) \
         if packed else {}
-    joint = torch.autograd.grad(attn.attention(q, k, v, **packing), (q, k, v), dout)
-    original = attn.bwd_configs
-
-    def split(*args):
-        dkdv, dq = original(*args)
-        return {**dkdv, "split": True}, dq
-
-    monkeypatch.setattr(attn, "bwd_configs", split)
+    default = attn.bwd_candidates(attn.device_arch(q.device), 32, torch.float16)[0]
+    joint = attn.bwd_candidate("joint", default["dkdv"], default["dq"])
+    split = attn.bwd_candidate("split", default["dkdv"], default["dq"])
+    with torch.no_grad():
+        out, lse = attn.attention_forward(q, k, v, True, 32 ** -0.5, **packing)
+    together = attn.attention_backward(dout, q, k, v, out, lse, True, 32 ** -0.5, candidate=joint, **packing)
     launches = []
     kernel = attn._attn_bwd_dkdv_kernel
     monkeypatch.setattr(attn, "_attn_bwd_dkdv_kernel", type("Spy", (), {
         "__getitem__": lambda self, grid: lambda *a, **kw: launches.append(kw) or kernel[grid](*a, **kw)})())
-    apart = torch.autograd.grad(attn.attention(q, k, v, **packing), (q, k, v), dout)
+    apart = attn.attention_backward(dout, q, k, v, out, lse, True, 32 ** -0.5, candidate=split, **packing)
     assert [(kw["WITH_DK"], kw["WITH_DV"]) for kw in launches] == [(False, True), (True, False)]
-    assert all(torch.equal(a, b) for a, b in zip(joint, apart))
+    assert all(torch.equal(a, b) for a, b in zip(together, apart))
+
+
+def _candidate_ids(arch_dims):
+    return [(arch, D, i) for arch, D in arch_dims
+            for i in range(len(_attention().bwd_candidates(arch, D, torch.float16, deterministic=False)))]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs sm_80/sm_90 candidates in the CPU interpreter")
+@pytest.mark.parametrize("arch, D, index", _candidate_ids([(90, 128), (90, 64), (90, 32), (80, 128), (80, 64),
+                                                           (80, 32)]),
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_every_backward_candidate_is_within_the_rule(arch, D, index, packed):
+    """Each backward candidate of sm_90 and sm_80 (its own tiles, launches and, for the atomic
+    designs, fp32 atomic adds into dQ) run in the interpreter as that GPU would launch it: dq, dk,
+    dv against float64 within 3x eager's error, on a causal GQA batch of odd length (several key
+    and query blocks, the masked band and the unmasked blocks) or on packed sequences."""
+    from qwen3_kernels.ops.triton import _common
+    attn = _attention()
+    cand = attn.bwd_candidates(arch, D, torch.float16, deterministic=False)[index]
+    dtype, H, Hkv = torch.float16, 4, 2
+    if packed:
+        (q, k, v), cu_seqlens = _packed([9, 70, 1, 50], H, Hkv, D, dtype, "cpu")
+        packing = dict(cu_seqlens=cu_seqlens, max_seqlen=70)
+    else:
+        q, k, v = _inputs(2, 83, 83, H, Hkv, D, dtype, "cpu")
+        packing = {}
+    scale = D ** -0.5
+    dout = rand(*q.shape, dtype=dtype, seed=3)
+    with torch.no_grad(), _common.simulated_gpu(arch, 4):
+        out, lse = attn.attention_forward(q, k, v, True, scale, config=attn.fwd_candidates(arch, D, dtype)[0],
+                                          **packing)
+        grads = attn.attention_backward(dout, q, k, v, out, lse, True, scale, candidate=cand, **packing)
+    eager = reference.attention(q, k, v, softmax_scale=scale, **packing)
+    grads_eager = torch.autograd.grad(eager, (q, k, v), dout)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    if packed:
+        bounds = packing["cu_seqlens"].tolist()
+        exact = torch.cat([float64.attention(*(t[:, a:b] for t in leaves64), scale=scale)
+                           for a, b in zip(bounds, bounds[1:])], dim=1)
+    else:
+        exact = float64.attention(*leaves64, scale=scale)
+    grads64 = torch.autograd.grad(exact, leaves64, dout.double())
+    for name, g, ge, g64 in zip(("dq", "dk", "dv"), grads, grads_eager, grads64):
+        assert g.dtype == dtype and g.shape == g64.shape
+        assert_within_rule(g, ge, g64, 3, atol(dtype, g64), f"{cand['name']} {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

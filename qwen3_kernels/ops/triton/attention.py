@@ -8,15 +8,18 @@ backward is in base 2 too. A query that sees no key gets a zero output (its LSE 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _checks
+from . import tuning
 from ._common import device_arch, num_sms, on_tensor_device, unit_stride
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
@@ -188,12 +191,14 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, Tq, H, sob, sot, soh, sdb, sdt, sdh,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, start, end, offs_m, offs_n,
-                offs_d, col_ok, Tq, shift, qk_scale,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, sdot, sdqt, start, end, offs_m,
+                offs_n, offs_d, col_ok, Tq, shift, qk_scale,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
+                WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Accumulates dK and/or dV of one key block over query blocks [start, end). Rows past Tq load as
-    zeros (dO = 0, delta = 0), so they add nothing even where no mask is applied."""
+    zeros (dO = 0, delta = 0), so they add nothing even where no mask is applied. ATOMIC_DQ: also adds
+    this key block's share of dQ, ``dS K``, into the fp32 rows at dq_base (atomically: every key
+    block's program adds into the same rows)."""
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < Tq
@@ -213,24 +218,31 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, 
         if WITH_DK:
             delta = tl.load(delta_base + rows64, mask=row_ok, other=0.0)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)  # (BLOCK_M, HEAD_DIM)
+                tl.atomic_add(dq_base + rows64[:, None] * sdqt + offs_d[None, :], dq, mask=row_ok[:, None],
+                              sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["Tq", "Tk", "slb", "slh"])
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, CU_SEQLENS, qk_scale, sm_scale, Tq, Tk, H,
-                          GROUP, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
-                          sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, slb, slh,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_LENS, CU_SEQLENS, qk_scale, sm_scale, Tq, Tk,
+                          H, GROUP, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+                          sdkb, sdkt, sdkh, sdvb, sdvt, sdvh, sdqb, sdqt, sdqh, slb, slh,
                           CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr = True, WITH_DV: tl.constexpr = True):
+                          DOT_PRECISION: tl.constexpr, WITH_DK: tl.constexpr = True, WITH_DV: tl.constexpr = True,
+                          ATOMIC_DQ: tl.constexpr = False):
     """For one (batch, KV head, BLOCK_N keys), summed over the GROUP query heads that read it:
     ``P^T = exp2(K Q^T * scale - LSE)``, ``dV = P^T dO``, ``dS^T = P^T * (V dO^T - delta)``,
-    ``dK = scale * dS^T Q``. Each program owns its dK/dV rows: deterministic, no atomics. With
+    ``dK = scale * dS^T Q``. Each program owns its dK/dV rows: deterministic, no atomics for them. With
     VARLEN, b is a packed sequence (CU_SEQLENS). LSE and DELTA share one layout (strides slb, slh).
     WITH_DK / WITH_DV: one launch may compute only one of the two (the split backward recomputes
-    P^T in each, so each holds one accumulator instead of two)."""
+    P^T in each, so each holds one accumulator instead of two). ATOMIC_DQ (with WITH_DK): dQ too,
+    added in fp32 into DQ_ACC by atomics, so no dQ pass recomputes P and dP (not deterministic: the
+    key blocks add in whatever order they finish)."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     n_kv_heads = H // GROUP
@@ -245,6 +257,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, CU_SEQLENS, 
         DO += first * sdot
         DK += first * sdkt
         DV += first * sdvt
+        DQ_ACC += first * sdqt
         LSE += first
         DELTA += first
     kv_len = _kv_len(KV_LENS, b, Tk, HAS_KV_LENS)
@@ -280,12 +293,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS, CU_SEQLENS, 
         do_base = DO + b * sdob + h * sdoh
         lse_base = LSE + b * slb + h * slh
         delta_base = DELTA + b * slb + h * slh
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, first_m, unmasked_m,
-                             offs_m, offs_n, offs_d, col_ok, Tq, shift, qk_scale,
-                             True, CAUSAL, BLOCK_M, DOT_PRECISION, WITH_DK, WITH_DV)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, unmasked_m, Tq,
-                             offs_m, offs_n, offs_d, col_ok, Tq, shift, qk_scale,
-                             False, CAUSAL, BLOCK_M, DOT_PRECISION, WITH_DK, WITH_DV)
+        dq_base = DQ_ACC + b * sdqb + h * sdqh
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, sdot, sdqt, first_m,
+                             unmasked_m, offs_m, offs_n, offs_d, col_ok, Tq, shift, qk_scale,
+                             True, CAUSAL, BLOCK_M, DOT_PRECISION, WITH_DK, WITH_DV, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, sqt, sdot, sdqt, unmasked_m,
+                             Tq, offs_m, offs_n, offs_d, col_ok, Tq, shift, qk_scale,
+                             False, CAUSAL, BLOCK_M, DOT_PRECISION, WITH_DK, WITH_DV, ATOMIC_DQ)
     store_ok = (offs_n < Tk)[:, None]
     if WITH_DK:
         tl.store(DK + b * sdkb + kv_head.to(tl.int64) * sdkh + cols * sdkt + offs_d[None, :],
@@ -496,102 +510,331 @@ def _fits_shared_memory(cfg: dict, head_dim: int, elem_bytes: int, limit: int) -
     return need <= limit
 
 
-_tuned_fwd: dict[tuple, dict] = {}
+AUTOTUNE_ENV = "QWEN3_KERNELS_AUTOTUNE"
 
 
 def _length_bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 16384)
 
 
+def _tuning_mode(device: torch.device) -> str:
+    """How choices are made on ``device`` now: "tune" (measure what is not remembered), "lookup"
+    (remembered choices only: a CUDA graph is being captured, nothing can be timed) or "off" (the
+    defaults: ``QWEN3_KERNELS_AUTOTUNE=0``, or no GPU to time on)."""
+    if os.environ.get(AUTOTUNE_ENV, "1") == "0" or device.type != "cuda":
+        return "off"
+    return "lookup" if torch.cuda.is_current_stream_capturing() else "tune"
+
+
+def _measure(run) -> float:
+    """Milliseconds per call of ``run``: the median of ~100 ms of CUDA-event-timed runs, so
+    candidates a few percent apart still rank right at 16k."""
+    import triton.testing
+    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+
+
+def _smem_limit(device: torch.device) -> int:
+    """Shared memory a block may opt into: the card's, or a simulated sm_90's / sm_80's (227 / 163 KB)."""
+    if device.type != "cuda":
+        return (227 if device_arch(device) >= 90 else 163) * 1024
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+
+
+def config_name(cfg: dict) -> str:
+    """A forward config's name in the tuning cache and the logs: '128x64 w8 s3 group tma'."""
+    return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
+            + (" group" if cfg.get("pack_group") else "") + (" tma" if cfg.get("tma") else ""))
+
+
 def tuned_fwd_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, launch,
                      has_kv_lens: bool = False, packed_lengths: tuple[int, int] | None = None) -> dict:
     """The fastest forward config for this (arch, length buckets, head_dim, dtype, causal, GQA group,
     per-sequence lengths or not, packed sequences or not, TMA-able K/V or not), measured once with
-    ``launch(cfg)``: the median of ~100 ms of CUDA-event-timed runs per candidate, so candidates a
-    few percent apart still rank right at 16k. A candidate only competes if its output agrees with
-    the default's (``fastest_agreeing``). The default config is used where measuring is impossible
-    or unwanted: the interpreter, CUDA-graph capture, or ``QWEN3_KERNELS_AUTOTUNE=0`` (how tests pin
-    one config)."""
+    ``launch(cfg)`` (``_measure``) and remembered across processes (``tuning``). A candidate only
+    competes if its output agrees with the default's (``fastest_agreeing``). The default config is
+    used where measuring is impossible or unwanted: the interpreter, ``QWEN3_KERNELS_AUTOTUNE=0``
+    (how tests pin one config), a rank other than 0 before ``tuning.sync()``; while a CUDA graph is
+    captured only a remembered choice is used."""
     arch, D = device_arch(q.device), q.shape[-1]
     candidates = fwd_candidates(arch, D, q.dtype)
-    if (len(candidates) == 1 or q.device.type != "cuda" or os.environ.get("QWEN3_KERNELS_AUTOTUNE", "1") == "0"
-            or torch.cuda.is_current_stream_capturing()):
+    mode = "off" if len(candidates) == 1 else _tuning_mode(q.device)
+    if mode == "off":
         return candidates[0]
     Tq, Tk = packed_lengths or (q.shape[1], k.shape[1])  # packed sequences: the longest one's length
     tma = can_use_tma(k, v)
-    key = (q.device.index, arch, D, q.dtype, _length_bucket(Tq), _length_bucket(Tk), causal,
-           q.shape[2] // k.shape[2], has_kv_lens, packed_lengths is not None, tma)
-    if key not in _tuned_fwd:
-        import triton.testing
+    group = q.shape[2] // k.shape[2]
+    bucket = dict(arch=arch, dtype=str(q.dtype).removeprefix("torch."), D=D, Tq=_length_bucket(Tq),
+                  Tk=_length_bucket(Tk), causal=causal, group=group, kv_lens=has_kv_lens,
+                  packed=packed_lengths is not None, tma=tma)
+    by_name = {config_name(c): c for c in candidates}
+    if mode == "lookup":
+        return by_name.get(tuning.lookup(q.device, "attention forward tiles", bucket), candidates[0])
 
-        props = torch.cuda.get_device_properties(q.device)
-        limit = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
-        group = q.shape[2] // k.shape[2]
+    def tune():
+        limit = _smem_limit(q.device)
         fitting = [c for c in candidates if _fits_shared_memory(c, D, q.element_size(), limit)
                    and (not c["pack_group"] or can_pack_group(c, group)) and (tma or not c.get("tma"))]
-        _tuned_fwd[key] = fastest_agreeing(
-            fitting or candidates[:1], launch,
-            lambda run: triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median"))
-    return _tuned_fwd[key]
+        return race(fitting or candidates[:1], launch, _measure, what="attention forward", name=config_name)
+
+    name = tuning.tuned(q.device, "attention forward tiles", bucket, tune, valid=lambda n: n in by_name)
+    return by_name.get(name, candidates[0])
 
 
-def fastest_agreeing(candidates: list[dict], launch, measure) -> dict:
-    """The candidate with the least ``measure(lambda: launch(cfg))`` among those whose (out, lse)
-    agree with the first candidate's: a config that fails to launch or computes something else on
-    this GPU (a TMA descriptor the hardware reads otherwise than the compiler assumed, say) is
-    dropped with a warning instead of winning on speed. Agreement allows what another tiling's
-    summation order changes: 4 units in the last place of the output dtype relative to the
-    output's largest value (at least 1), 1e-3 on the (fp32, base-2) log-sum-exp, and the same
-    non-finite entries."""
-    ref_out, ref_lse = (t.clone() for t in launch(candidates[0]))
-    scale = ref_out.abs().amax().float().clamp_min(1.0).item()
-    tol_out = 4 * torch.finfo(ref_out.dtype).eps * scale
+def _max_difference(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.float() - ref.float()).abs().nan_to_num(float("inf")).amax().item() if x.numel() else 0.0
+
+
+def close_in_ulps(x: torch.Tensor, ref: torch.Tensor, ulps: float, floor: float = 0.0) -> tuple[bool, str]:
+    """Whether ``x`` is ``ref`` up to ``ulps`` units in the last place of their dtype relative to
+    ``ref``'s largest magnitude (at least ``floor``), with the same non-finite entries: what another
+    summation order changes, nothing a wrong mask or a lost tile would."""
+    if x.shape != ref.shape or x.dtype != ref.dtype:
+        return False, f"{tuple(x.shape)} {x.dtype} instead of {tuple(ref.shape)} {ref.dtype}"
+    scale = max(ref.abs().nan_to_num(0.0, 0.0, 0.0).amax().float().item() if ref.numel() else 0.0, floor,
+                torch.finfo(torch.float32).tiny)
+    tol = ulps * torch.finfo(ref.dtype).eps * scale
+    ok = torch.allclose(x, ref, rtol=0, atol=tol, equal_nan=True)
+    return ok, f"max |difference| {_max_difference(x, ref):.3g}, allowed {tol:.3g}"
+
+
+def _forward_agrees(ref: tuple, got: tuple) -> tuple[bool, str]:
+    """4 units in the last place of the output dtype relative to the output's largest value (at
+    least 1), 1e-3 on the (fp32, base-2) log-sum-exp, and the same non-finite entries."""
+    (ref_out, ref_lse), (out, lse) = ref, got
+    ok, detail = close_in_ulps(out, ref_out, 4, floor=1.0)
+    ok_lse = torch.allclose(lse, ref_lse, rtol=1e-3, atol=1e-3, equal_nan=True)
+    if not ok_lse:
+        detail += f"; lse max |difference| {_max_difference(lse, ref_lse):.3g}, allowed 1e-3 + 1e-3 relative"
+    return ok and ok_lse, detail
+
+
+def _gradients_agree(ref: tuple, got: tuple) -> tuple[bool, str]:
+    """dq, dk and dv each within 8 units in the last place of their largest value: tiles of other
+    sizes, atomics and recomputation change the order of fp32 sums, and a rounding to the half
+    dtype may land one unit apart."""
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref):
+        ok, detail = close_in_ulps(g, r, 8)
+        if not ok:
+            return False, f"{name}: {detail}"
+    return True, ""
+
+
+class NotOffered(RuntimeError):
+    """A candidate that does not exist on this device or for these inputs (an SDPA backend that
+    has no kernel here): left out without a warning."""
+
+
+def race(candidates: list, launch, measure, *, what: str, name=str, agree=_forward_agrees,
+         ) -> tuple[str, dict[str, float], dict[str, str]]:
+    """``fastest_agreeing`` that also returns what it measured: (winner's name, {name: ms} of every
+    timed candidate, {name: why} of every dropped one)."""
+    timings: dict[str, float] = {}
+    dropped: dict[str, str] = {}
+    best = fastest_agreeing(candidates, launch, measure, what=what, name=name, agree=agree, timings=timings,
+                            dropped=dropped)
+    return name(best), timings, dropped
+
+
+def fastest_agreeing(candidates: list, launch, measure, *, what: str = "attention forward", name=str,
+                     agree=_forward_agrees, timings: dict | None = None, dropped: dict | None = None):
+    """The candidate with the least ``measure(lambda: launch(cfg))`` among those whose outputs (the
+    tuple ``launch`` returns) ``agree`` with the first candidate's: a config that fails to launch or
+    computes something else on this GPU (a TMA descriptor the hardware reads otherwise than the
+    compiler assumed, say) is dropped with a warning instead of winning on speed. The default
+    agreement (``_forward_agrees``) is the forward's: (out, lse). ``timings`` and ``dropped``, if
+    given, receive {name: ms} and {name: reason}."""
+    timings = {} if timings is None else timings
+    dropped = {} if dropped is None else dropped
+    ref = tuple(t.clone() for t in launch(candidates[0]))
     best, best_time = candidates[0], measure(lambda: launch(candidates[0]))
+    timings[name(best)] = best_time
     for cfg in candidates[1:]:
         try:
-            out, lse = launch(cfg)
-            agrees = (torch.allclose(out, ref_out, rtol=0, atol=tol_out, equal_nan=True)
-                      and torch.allclose(lse, ref_lse, rtol=1e-3, atol=1e-3, equal_nan=True))
+            agrees, detail = agree(ref, tuple(launch(cfg)))
             elapsed = measure(lambda cfg=cfg: launch(cfg)) if agrees else None
+        except NotOffered as error:
+            log.info("%s autotune: %s is not offered here: %s", what, name(cfg), error)
+            dropped[name(cfg)] = f"not offered here: {error}"
+            continue
         except Exception as error:  # noqa: BLE001 - any failure drops the candidate, the reason is logged
-            log.warning("attention forward autotune: dropped %s, it failed on this GPU: %s", cfg, error)
+            log.warning("%s autotune: dropped %s, it failed on this GPU: %s", what, name(cfg), error)
+            dropped[name(cfg)] = f"failed: {error}"
             continue
         if not agrees:
-            log.warning("attention forward autotune: dropped %s, its output disagrees with %s's "
-                        "(max |difference| %.3g, allowed %.3g)", cfg, candidates[0],
-                        (out.float() - ref_out.float()).abs().nan_to_num(float("inf")).amax().item(), tol_out)
+            log.warning("%s autotune: dropped %s, its output disagrees with %s's (%s)", what, name(cfg),
+                        name(candidates[0]), detail)
+            dropped[name(cfg)] = f"disagrees with {name(candidates[0])}: {detail}"
             continue
+        timings[name(cfg)] = elapsed
         if elapsed < best_time:
             best, best_time = cfg, elapsed
     return best
 
 
-def bwd_configs(arch: int, head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
-    """(dK/dV config, dQ config). The dK/dV kernel holds BLOCK_N keys and walks BLOCK_M queries; the
-    dQ kernel holds BLOCK_M queries and walks BLOCK_N keys. Each is the largest tile that compiles
-    without spills on Triton 3.6 and 3.9 (tests/aot_gate.py); on sm_90 the held tile has 64 rows
-    per warpgroup, so its products run on wgmma, once. ``split`` in the dK/dV config: dV and dK in
-    two launches."""
-    def cfg(m, n, warps, stages, split=False):
-        return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages, **({"split": True} if split else {}))
+# ----------------------------------------------------------------------------------------------
+# Backward candidates
+# ----------------------------------------------------------------------------------------------
 
+def _tile(m: int, n: int, warps: int, stages: int) -> dict:
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+
+
+def _tile_name(t: dict) -> str:
+    return f"{t['BLOCK_M']}x{t['BLOCK_N']} w{t['num_warps']} s{t['num_stages']}"
+
+
+def bwd_candidate(design: str, dkdv: dict, dq: dict | None = None, may_spill: bool = False) -> dict:
+    """One backward design with its launch configs. ``design``:
+
+    - ``joint``: one dK/dV launch per key block (P^T, dP^T, dV, dK: 4 products per tile pair) and
+      the dQ launch (P, dP, dQ: 3), 7 in all, deterministic;
+    - ``split``: dV and dK as two launches of the dK/dV kernel, each recomputing P^T (2 + 3), then
+      dQ: 8 products, one accumulator held per launch;
+    - ``joint-atomic`` / ``split-atomic``: the dK launch also adds dS K into an fp32 dQ by atomics
+      and there is no dQ launch (5 / 6 products); the order of those adds varies from run to run,
+      so these are offered only while ``torch.are_deterministic_algorithms_enabled()`` is False.
+
+    ``dkdv``: BLOCK_N keys held, BLOCK_M queries per step; ``dq``: BLOCK_M queries held, BLOCK_N keys
+    per step. ``may_spill``: the compile gate (tests/aot_gate.py) reports register spills for it on
+    some stack; the card ranks it anyway. Any other candidate that spills on the card is dropped."""
+    atomic = design.endswith("-atomic")
+    if atomic != (dq is None):
+        raise ValueError(f"a {design} backward {'has no' if atomic else 'needs a'} dQ launch config")
+    name = f"{design} dkdv {_tile_name(dkdv)}" + (f" dq {_tile_name(dq)}" if dq else "")
+    return dict(name=name, design=design, dkdv=dkdv, dq=dq, may_spill=may_spill)
+
+
+def bwd_candidates(arch: int, head_dim: int, dtype: torch.dtype, deterministic: bool | None = None) -> list[dict]:
+    """The backward autotune set on sm_{arch}, default first; the atomic designs only when
+    ``deterministic`` (default: ``torch.are_deterministic_algorithms_enabled()``) is False.
+
+    The default is the deterministic candidate with the least tensor-core work per (query tile,
+    key tile) pair -- products times the warpgroups that repeat each -- among those that compile
+    without spills on Triton 3.6 and 3.9 (tests/aot_gate.py reports every candidate's work and
+    spills, and checks that rule). The dK/dV tiles hold BLOCK_N keys, the dQ tiles BLOCK_M queries;
+    on sm_90 a held tile of 64 rows per warpgroup runs each product on wgmma once."""
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     if arch == 0 or dtype == torch.float32:
         # a 16 x 16 dK/dV tile of D = 16 on 4 warps spills on sm_80 (ptxas keeps a local array)
-        small = cfg(16, 16, 2 if head_dim <= 16 else 4, 1)
-        return small, small
-    if arch >= 90:
-        # One warpgroup (4 warps) per 64 held rows, so no wgmma runs twice over the same rows. At
-        # D = 128 the dK and dV accumulators do not fit one warpgroup's registers together (every
-        # tile spilled): ``split`` runs dV and dK as two launches of the dK/dV kernel, each
-        # recomputing P^T and holding one accumulator (5 products instead of 4, none replicated).
-        if head_dim > 64:
-            return cfg(32, 64, 4, 1, split=True), cfg(64, 64, 4, 2)
-        if head_dim > 32:
-            return cfg(32, 64, 4, 2), cfg(64, 32, 4, 2)
+        small = _tile(16, 16, 2 if head_dim <= 16 else 4, 1)
+        return [bwd_candidate("joint", small, small)]
+    T, joint, split = _tile, functools.partial(bwd_candidate, "joint"), functools.partial(bwd_candidate, "split")
+    if arch >= 90 and head_dim > 64:
+        # Default: joint, 16 queries per step over 64 held keys, then dQ over 64 held queries: 7
+        # products per tile pair, none repeated (64 held rows per warpgroup). The joint tiles of 32
+        # queries spill (both fp32 accumulators of 64 x 128 beside a 64 x 32 P^T), so the split
+        # design (8 products) was the default before; 16 queries leave room for both accumulators.
+        cands = [joint(T(16, 64, 4, 1), T(64, 64, 4, 2)),
+                 joint(T(16, 64, 4, 1), T(128, 64, 8, 2)),
+                 joint(T(16, 128, 8, 1), T(128, 32, 8, 3)),
+                 joint(T(32, 64, 8, 1), T(64, 64, 4, 2)),  # 8 warps over 64 keys: a product done 1.5x
+                 joint(T(32, 128, 8, 2), T(64, 64, 4, 2), may_spill=True),
+                 split(T(32, 64, 4, 1), T(64, 64, 4, 2)),
+                 split(T(32, 128, 8, 1), T(128, 64, 8, 2)),
+                 split(T(16, 64, 4, 2), T(64, 32, 4, 3))]
+        atomic = [bwd_candidate("joint-atomic", T(16, 64, 4, 1), may_spill=True),
+                  bwd_candidate("joint-atomic", T(16, 128, 8, 1)),
+                  bwd_candidate("split-atomic", T(32, 64, 4, 1)), bwd_candidate("split-atomic", T(32, 128, 8, 1))]
+    elif arch >= 90 and head_dim > 32:
+        cands = [joint(T(32, 64, 4, 2), T(64, 32, 4, 2)),
+                 joint(T(32, 64, 4, 2), T(64, 64, 4, 2)),
+                 joint(T(64, 64, 4, 1), T(64, 32, 4, 2)),
+                 joint(T(16, 64, 4, 2), T(64, 32, 4, 3)),
+                 joint(T(32, 128, 8, 2), T(128, 32, 8, 2)),
+                 split(T(32, 64, 4, 2), T(64, 32, 4, 2))]
+        atomic = [bwd_candidate("joint-atomic", T(32, 64, 4, 2))]
+    elif arch >= 90:
         # dK/dV single-buffered: with 2 stages Triton 3.6 spills 56 bytes at D <= 32
-        return cfg(64, 64, 4, 1), cfg(64, 64, 4, 2)
-    both = cfg(32, 64, 4 if head_dim <= 64 else 8, 1)
-    return both, both
+        cands = [joint(T(64, 64, 4, 1), T(64, 64, 4, 2)),
+                 joint(T(32, 64, 4, 1), T(64, 64, 4, 2)),
+                 joint(T(32, 128, 8, 1), T(128, 32, 8, 2))]
+        atomic = [bwd_candidate("joint-atomic", T(64, 64, 4, 1))]
+    elif head_dim > 64:
+        # Default: 64 held keys on 8 warps (4 products, none repeated) and dQ over 32 queries on 8
+        # warps: 7. 32 held keys on 8 warps repeat products across warps (9 in all).
+        cands = [joint(T(64, 64, 8, 1), T(32, 64, 8, 1)),
+                 joint(T(32, 64, 4, 1), T(64, 64, 8, 2)),
+                 joint(T(16, 128, 8, 1), T(64, 64, 8, 3)),
+                 joint(T(32, 64, 8, 1), T(32, 64, 8, 1)),
+                 joint(T(32, 64, 8, 2), T(32, 64, 8, 2)),
+                 split(T(32, 64, 4, 1), T(32, 64, 8, 1))]
+        atomic = [bwd_candidate("joint-atomic", T(32, 64, 8, 1)),
+                  bwd_candidate("split-atomic", T(32, 64, 4, 1), may_spill=True)]
+    elif head_dim > 32:
+        cands = [joint(T(32, 64, 4, 1), T(32, 64, 4, 1)),
+                 joint(T(32, 64, 4, 1), T(64, 32, 4, 2)),
+                 joint(T(32, 128, 8, 1), T(128, 32, 8, 2)),
+                 split(T(32, 64, 4, 1), T(32, 64, 4, 1), may_spill=True)]
+        atomic = [bwd_candidate("joint-atomic", T(32, 64, 4, 1))]
+    else:
+        # Default dQ: 128 held queries on 8 warps (3 products); a 32-query dQ tile on 4 warps
+        # repeats every product at D <= 32 (6).
+        cands = [joint(T(32, 64, 4, 1), T(128, 32, 8, 2)),
+                 joint(T(32, 64, 4, 1), T(32, 64, 4, 1)),
+                 joint(T(32, 128, 8, 1), T(128, 32, 8, 2))]
+        atomic = [bwd_candidate("joint-atomic", T(32, 64, 4, 1))]
+    return cands if deterministic else cands + atomic
+
+
+def _bwd_fits_shared_memory(cand: dict, head_dim: int, elem_bytes: int, limit: int) -> bool:
+    # dK/dV: the held K and V tiles plus a Q and a dO tile per stage; dQ: the held Q and dO plus a K
+    # and a V tile per stage (what each software pipeline keeps resident).
+    t = cand["dkdv"]
+    need = [(2 * t["BLOCK_N"] + 2 * t["num_stages"] * t["BLOCK_M"]) * head_dim * elem_bytes]
+    if cand["dq"]:
+        t = cand["dq"]
+        need.append((2 * t["BLOCK_M"] + 2 * t["num_stages"] * t["BLOCK_N"]) * head_dim * elem_bytes)
+    return max(need) <= limit
+
+
+def bwd_bucket(q, k, causal: bool, kv_lens=None, cu_seqlens=None, max_seqlen: int | None = None) -> dict:
+    """The backward tuning's bucket: arch, dtype, head dim, length buckets (packed: the longest
+    sequence's), causal, GQA group, per-sequence lengths, packed, deterministic mode."""
+    _, Tq, Tk = _batches(q, k, cu_seqlens, max_seqlen)
+    return dict(arch=device_arch(q.device), dtype=str(q.dtype).removeprefix("torch."), D=q.shape[-1],
+                Tq=_length_bucket(Tq), Tk=_length_bucket(Tk), causal=causal, group=q.shape[2] // k.shape[2],
+                kv_lens=kv_lens is not None, packed=cu_seqlens is not None,
+                deterministic=torch.are_deterministic_algorithms_enabled())
+
+
+def tuned_bwd_candidate(do, q, k, v, out, lse, causal: bool, softmax_scale: float, kv_lens=None, cu_seqlens=None,
+                        max_seqlen: int | None = None) -> dict:
+    """The fastest backward candidate for this (arch, length buckets, head_dim, dtype, causal, GQA
+    group, per-sequence lengths, packed, deterministic mode), each timed as the whole backward (all
+    its launches) on these inputs with ``_measure``, remembered across processes (``tuning``). A
+    candidate competes only if its dq, dk and dv agree with the default's (``_gradients_agree``);
+    one that fails, disagrees, or spills on this card though the gate found it spill-free is
+    dropped with a warning. Defaults as in ``tuned_fwd_config``."""
+    arch, D = device_arch(q.device), q.shape[-1]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    candidates = bwd_candidates(arch, D, q.dtype, deterministic)
+    mode = "off" if len(candidates) == 1 else _tuning_mode(q.device)
+    if mode == "off":
+        return candidates[0]
+    bucket = bwd_bucket(q, k, causal, kv_lens, cu_seqlens, max_seqlen)
+    by_name = {c["name"]: c for c in candidates}
+    if mode == "lookup":
+        return by_name.get(tuning.lookup(q.device, "attention backward", bucket), candidates[0])
+
+    def launch(cand):
+        grads, compiled = _run_backward(cand, do, q, k, v, out, lse, causal, softmax_scale, kv_lens, cu_seqlens,
+                                        max_seqlen)
+        spills = sum(getattr(c, "n_spills", 0) or 0 for c in compiled if c is not None)
+        if spills and cand is not candidates[0] and not cand["may_spill"]:
+            raise RuntimeError(f"it spills {spills} bytes of registers on this GPU, where the compile gate "
+                               "(tests/aot_gate.py) found it spill-free")
+        return grads
+
+    def tune():
+        limit = _smem_limit(q.device)
+        fitting = [c for c in candidates if _bwd_fits_shared_memory(c, D, q.element_size(), limit)]
+        return race(fitting or candidates[:1], launch, _measure, what="attention backward",
+                    name=lambda c: c["name"], agree=_gradients_agree)
+
+    name = tuning.tuned(q.device, "attention backward", bucket, tune, valid=lambda n: n in by_name)
+    return by_name.get(name, candidates[0])
 
 
 def decode_config(arch: int, head_dim: int, dtype: torch.dtype, packed_rows: int) -> dict:
@@ -700,9 +943,22 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, kv_lens=None,
 
 @on_tensor_device
 def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float, kv_lens=None, cu_seqlens=None,
-                       max_seqlen: int | None = None):
-    """Returns (dq, dk, dv)."""
+                       max_seqlen: int | None = None, candidate: dict | None = None):
+    """Returns (dq, dk, dv). ``candidate`` pins the design (one of ``bwd_candidates``); by default it
+    is tuned."""
     do, q, k, v = unit_stride(do), unit_stride(q), unit_stride(k), unit_stride(v)
+    batches, Tq, _ = _batches(q, k, cu_seqlens, max_seqlen)
+    if q.numel() == 0 or k.numel() == 0 or batches == 0 or Tq == 0:
+        return tuple(torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    if candidate is None:
+        candidate = tuned_bwd_candidate(do, q, k, v, out, lse, causal, softmax_scale, kv_lens, cu_seqlens, max_seqlen)
+    grads, _ = _run_backward(candidate, do, q, k, v, out, lse, causal, softmax_scale, kv_lens, cu_seqlens,
+                             max_seqlen)
+    return grads
+
+
+def _run_backward(cand: dict, do, q, k, v, out, lse, causal, softmax_scale, kv_lens, cu_seqlens, max_seqlen):
+    """Every launch of one backward candidate: ((dq, dk, dv), the compiled kernels it launched)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -710,29 +966,39 @@ def attention_backward(do, q, k, v, out, lse, causal: bool, softmax_scale: float
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     varlen = cu_seqlens is not None
     batches, Tq, Tk = _batches(q, k, cu_seqlens, max_seqlen)
-    if q.numel() == 0 or k.numel() == 0 or batches == 0 or Tq == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(triton.cdiv(T, DELTA_BLOCK_M), B * H)](  # row-wise: packed rows need no schedule
-        out, do, delta, T, H, *out.stride()[:3], *do.stride()[:3], HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, num_warps=4)
-    dkdv_cfg, dq_cfg = bwd_configs(device_arch(q.device), D, q.dtype)
+    # row-wise: packed rows need no schedule
+    compiled = [_attn_bwd_delta_kernel[(triton.cdiv(T, DELTA_BLOCK_M), B * H)](
+        out, do, delta, T, H, *out.stride()[:3], *do.stride()[:3], HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, num_warps=4)]
     common = dict(CAUSAL=causal, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen, HEAD_DIM=D,
                   DOT_PRECISION=_dot_precision(q.dtype))
     lens = kv_lens if kv_lens is not None else q
     sequences = cu_seqlens if varlen else q
-    dkdv_cfg = dict(dkdv_cfg)
-    parts = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] if dkdv_cfg.pop("split", False) \
-        else [{}]
+    atomic = cand["design"].endswith("-atomic")
+    parts = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] \
+        if cand["design"].startswith("split") else [{}]
+    if atomic:  # the dK launch adds dQ in fp32; it becomes q's dtype below
+        parts[-1]["ATOMIC_DQ"] = True
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        dq_acc = dq  # not read: ATOMIC_DQ is off
+    tile = cand["dkdv"]
     for part in parts:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, dkdv_cfg["BLOCK_N"]), batches * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, lens, sequences, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H,
-            H // Hkv, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-            *_strides(dk, varlen), *_strides(dv, varlen), *_lse_strides(lse, varlen), **common, **part, **dkdv_cfg)
-    _attn_bwd_dq_kernel[(triton.cdiv(Tq, dq_cfg["BLOCK_M"]), batches * H)](
-        q, k, v, do, lse, delta, dq, lens, sequences, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H, H // Hkv,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
-        *_strides(dq, varlen), *_lse_strides(lse, varlen), **common, **dq_cfg)
-    return dq, dk, dv
+        compiled.append(_attn_bwd_dkdv_kernel[(triton.cdiv(Tk, tile["BLOCK_N"]), batches * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, dq_acc, lens, sequences, softmax_scale * LOG2E, softmax_scale, Tq, Tk,
+            H, H // Hkv, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+            *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen), *_lse_strides(lse, varlen),
+            **common, **part, **tile))
+    if atomic:
+        torch.mul(dq_acc, softmax_scale, out=dq_acc)
+        dq.copy_(dq_acc)
+    else:
+        tile = cand["dq"]
+        compiled.append(_attn_bwd_dq_kernel[(triton.cdiv(Tq, tile["BLOCK_M"]), batches * H)](
+            q, k, v, do, lse, delta, dq, lens, sequences, softmax_scale * LOG2E, softmax_scale, Tq, Tk, H, H // Hkv,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+            *_strides(dq, varlen), *_lse_strides(lse, varlen), **common, **tile))
+    return (dq, dk, dv), compiled
 
 
 def num_splits(batch: int, kv_heads: int, max_kv_len: int, block_n: int, sms: int) -> int:
@@ -835,6 +1101,142 @@ def _(q, k, v, kv_lens, causal, softmax_scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+# ----------------------------------------------------------------------------------------------
+# SDPA in the race
+# ----------------------------------------------------------------------------------------------
+
+# SDPA's backends that race the Triton kernels (torch.nn.attention.SDPBackend member names)
+SDPA_BACKENDS = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
+                 "sdpa-efficient": "EFFICIENT_ATTENTION"}
+TRITON = "triton"
+
+
+def sdpa_computes(q: torch.Tensor, k: torch.Tensor, causal: bool, kv_lens, cu_seqlens) -> bool:
+    """Whether SDPA computes exactly what ``attention`` is asked for: dense (no ``kv_lens``, no
+    packed sequences), not empty, and a causal mask only where Tq == Tk (SDPA aligns it top-left,
+    ours bottom-right: they agree on square scores alone). GQA goes in as ``enable_gqa``, so K/V
+    are never repeated."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    return (kv_lens is None and cu_seqlens is None and (not causal or Tq == Tk) and Tq > 0 and Tk > 0
+            and q.shape[0] > 0 and q.shape[2] > 0)
+
+
+def sdpa_attention(q, k, v, causal: bool, softmax_scale: float, backend: str) -> torch.Tensor:
+    """``attention`` through SDPA pinned to one backend (a key of ``SDPA_BACKENDS``); (B, Tq, H, D)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gqa = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
+    # a Python branch: under torch.compile with dynamic shapes `causal and Tq > 1` is a SymBool,
+    # which is_causal rejects (one query over one key is the same either way)
+    is_causal = True if causal and q.shape[1] > 1 else False
+    with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[backend])):
+        try:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=is_causal, scale=softmax_scale, **gqa)
+        except TypeError as e:  # a torch without enable_gqa
+            raise NotOffered(f"this torch's SDPA cannot share K/V across query heads ({e})") from None
+        except RuntimeError as e:
+            if "No available kernel" in str(e) or "No viable backend" in str(e):  # CUDA's words, the CPU's
+                raise NotOffered(str(e).splitlines()[0][:200]) from None
+            raise
+    return out.transpose(1, 2)
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_RACE_FIELDS = ("dtype", "D", "B", "T", "H", "Hkv", "Tk", "causal")
+
+
+def _race_bucket(q: torch.Tensor, k: torch.Tensor, causal: bool) -> tuple:
+    """The race's shape bucket, in ``_RACE_FIELDS`` order (plain Python a torch.compile trace follows)."""
+    B, T, H, D = q.shape
+    return (_DTYPE_NAMES.get(q.dtype, "other"), D, _length_bucket(B), _length_bucket(T), H, k.shape[2],
+            _length_bucket(k.shape[1]), causal)
+
+
+def _race_op(needs_grad: bool) -> str:
+    return "attention forward+backward" if needs_grad else "attention forward"
+
+
+# (device, op, bucket) -> the implementation that serves it, for torch.compile traces: a dict lookup
+# is what a trace can follow (and guard on) where the tuning cache's file and clock are not.
+_served: dict[tuple, str] = {}
+
+
+@torch.compiler.assume_constant_result
+def _load_served(device: str) -> bool:
+    """Fills ``_served`` with the race winners remembered for ``device`` (tuned earlier in this
+    process, in the cache file, or sent by rank 0): run at trace time, where nothing can be timed."""
+    device = torch.device(device)
+    if _tuning_mode(device) == "off":
+        return False
+    for op in (_race_op(False), _race_op(True)):
+        for bucket, choice in tuning.remembered(device, op):
+            if set(bucket) == set(_RACE_FIELDS) and (choice == TRITON or choice in SDPA_BACKENDS):
+                _served[(str(device), op, tuple(bucket[f] for f in _RACE_FIELDS))] = choice
+    return True
+
+
+def race_winner(q, k, v, causal: bool, softmax_scale: float, needs_grad: bool) -> str:
+    """Which implementation serves this dense attention: ``TRITON`` or an SDPA backend, whichever
+    was fastest on this bucket (forward alone, or forward + backward when gradients are wanted),
+    among those whose outputs (and gradients) agree with the Triton kernels'. Decided before the
+    custom op, so the custom op stays what it was and a torch.compile trace holds the winner that
+    was remembered when it traced (nothing can be timed on a trace's fake tensors); a bucket no
+    one tuned before the trace is served by the Triton kernels there."""
+    op, bucket = _race_op(needs_grad), _race_bucket(q, k, causal)
+    served = (str(q.device), op, bucket)
+    if torch.compiler.is_compiling():
+        _load_served(str(q.device))
+        return _served.get(served, TRITON)
+    mode = _tuning_mode(q.device)
+    if mode == "off":
+        return TRITON
+    valid = (lambda name: name == TRITON or name in SDPA_BACKENDS)
+    named = dict(zip(_RACE_FIELDS, bucket))
+    if mode == "lookup":
+        choice = tuning.lookup(q.device, op, named)
+        return choice if choice is not None and valid(choice) else TRITON
+    dout = torch.randn(q.shape, dtype=q.dtype, device=q.device, generator=torch.Generator(q.device).manual_seed(0))
+
+    def run(name: str):
+        def fn(q, k, v):
+            if name == TRITON:
+                return _flash_attention_op(q, k, v, None, causal, softmax_scale, None, 0)[0]
+            with warnings.catch_warnings():  # SDPA warns why each backend it was denied cannot run
+                warnings.simplefilter("ignore")
+                return sdpa_attention(q, k, v, causal, softmax_scale, name)
+        if not needs_grad:
+            with torch.no_grad():
+                return (fn(q, k, v),)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        with torch.enable_grad():
+            out = fn(*leaves)
+            return (out.detach(), *torch.autograd.grad(out, leaves, dout))
+
+    half = q.dtype != torch.float32
+
+    def agree(ref, got):
+        # SDPA is another algorithm (natural-base exp, its own tiles and rounding points): twice the
+        # tiling allowance in half precision, and room for fp32 sums over thousands of keys taken
+        # in another order
+        allowed = (8, 16, 16, 16) if half else (256, 512, 512, 512)
+        for name, g, r, ulps in zip(("out", "dq", "dk", "dv"), got, ref, allowed):
+            ok, detail = close_in_ulps(g, r, ulps, floor=1.0 if name == "out" else 0.0)
+            if not ok:
+                return False, f"{name}: {detail}"
+        return True, ""
+
+    def tune():
+        return race([TRITON, *SDPA_BACKENDS], run, _measure, what=op, agree=agree)
+
+    choice = tuning.tuned(q.device, op, named, tune, valid=valid)
+    if choice is None:  # a rank other than 0 before tuning.sync(): the default
+        return TRITON
+    _served[served] = choice
+    return choice
+
+
 _warned_head_dims: set = set()
 
 
@@ -856,4 +1258,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if cu_seqlens is None and not needs_grad and use_decode_kernel(q, k):
         return _decode_attention_op(q, k, v, kv_lens, causal, scale)
+    if sdpa_computes(q, k, causal, kv_lens, cu_seqlens):
+        winner = race_winner(q, k, v, causal, scale, needs_grad)
+        if winner != TRITON:
+            return sdpa_attention(q, k, v, causal, scale, winner)
     return _flash_attention_op(q, k, v, kv_lens, causal, scale, cu_seqlens, max_seqlen or 0)[0]
