@@ -199,6 +199,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                                                                           reduction)
 
 
+def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    return choose("moe_route", router_logits.device, router_logits.dtype).fn(router_logits, top_k, norm_topk_prob)
+
+
+def moe_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    return choose("moe_experts", hidden.device, hidden.dtype).fn(hidden, expert_ids, weights, gate_up, down)
+
+
 for _name in OPS:  # the dispatchers document themselves with the reference's contract
     globals()[_name].__doc__ = getattr(reference, _name).__doc__
 del _name

@@ -198,3 +198,46 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index, reduction) -> No
             bad = counted[(counted < 0) | (counted >= V)][0].item()
             raise ValueError(f"linear_cross_entropy: target {bad} is outside [0, vocab size {V}) and is not "
                              f"ignore_index ({ignore_index})")
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int) -> None:
+    if router_logits.dim() != 2:
+        raise ValueError(f"moe_route: router_logits must be (tokens, experts), got shape {tuple(router_logits.shape)}")
+    if not router_logits.dtype.is_floating_point:
+        raise TypeError(f"moe_route: router_logits dtype {router_logits.dtype} is not a floating-point dtype")
+    num_experts = router_logits.shape[1]
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"moe_route: top_k must be an integer in [1, {num_experts}] (the number of experts), "
+                         f"got {top_k!r}")
+
+
+def moe_experts(hidden, expert_ids, weights, gate_up, down) -> None:
+    if hidden.dim() != 2:
+        raise ValueError(f"moe_experts: hidden must be (tokens, hidden_size), got shape {tuple(hidden.shape)}")
+    N, H = hidden.shape
+    if gate_up.dim() != 3 or gate_up.shape[2] != H or gate_up.shape[1] % 2:
+        raise ValueError(f"moe_experts: gate_up must be (experts, 2 * intermediate, hidden_size={H}), got "
+                         f"{tuple(gate_up.shape)}")
+    E, I = gate_up.shape[0], gate_up.shape[1] // 2
+    if down.shape != (E, H, I):
+        raise ValueError(f"moe_experts: down must be (experts={E}, hidden_size={H}, intermediate={I}) to match "
+                         f"gate_up {tuple(gate_up.shape)}, got {tuple(down.shape)}")
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != N:
+        raise ValueError(f"moe_experts: expert_ids must be (tokens={N}, top_k), got {tuple(expert_ids.shape)}")
+    if expert_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"moe_experts: expert_ids must be int32 or int64, got {expert_ids.dtype}")
+    if weights.shape != expert_ids.shape:
+        raise ValueError(f"moe_experts: weights shape {tuple(weights.shape)} != expert_ids shape "
+                         f"{tuple(expert_ids.shape)}")
+    for name, t in (("weights", weights), ("gate_up", gate_up), ("down", down)):
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"moe_experts: {name} dtype {t.dtype} differs from hidden dtype {hidden.dtype}")
+    for name, t in (("expert_ids", expert_ids), ("weights", weights), ("gate_up", gate_up), ("down", down)):
+        if t.device != hidden.device:
+            raise ValueError(f"moe_experts: {name} is on {t.device}, hidden on {hidden.device}")
+    # as for kv_lens: ids are read only where that is free (eager CPU tensors)
+    if expert_ids.device.type == "cpu" and expert_ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+        if lo < 0 or hi >= E:
+            raise ValueError(f"moe_experts: expert_ids must be in [0, {E}) (the number of experts), got values "
+                             f"from {lo} to {hi}")

@@ -185,3 +185,37 @@ def reduce_token_losses(losses: torch.Tensor, targets: torch.Tensor, ignore_inde
     if reduction == "sum":
         return total
     return total / (targets != ignore_index).sum().clamp(min=1)
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-MoE's router: softmax over all experts in fp32, the ``top_k`` largest probabilities,
+    renormalised to sum to one over those k when ``norm_topk_prob``, cast to the logits' dtype.
+    router_logits: (N, E). Returns ``(weights (N, k) in router_logits.dtype, expert_ids (N, k) int64)``,
+    largest first. ``expert_ids`` carries no gradient; ``weights`` does, to the logits."""
+    _checks.moe_route(router_logits, top_k)
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), expert_ids
+
+
+def moe_experts(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """The weighted sum of each token's k SwiGLU experts: for token n,
+    ``out[n] = sum_j weights[n, j] * down[e] @ (silu(g) * u)`` with ``e = expert_ids[n, j]`` and
+    ``[g; u] = gate_up[e] @ hidden[n]`` (gate rows first).
+
+    hidden: (N, H); expert_ids, weights: (N, k); gate_up: (E, 2I, H); down: (E, H, I) (transformers 5's
+    stacked layout). Returns (N, H) in hidden's dtype. This reference loops over the experts that
+    received a token, in the rounding order of transformers' ``Qwen3MoeExperts`` (each expert's
+    output times its weight, rounded, then added to the token's sum in hidden's dtype)."""
+    _checks.moe_experts(hidden, expert_ids, weights, gate_up, down)
+    out = torch.zeros_like(hidden)
+    for expert in expert_ids.unique().tolist():
+        token, slot = torch.where(expert_ids == expert)
+        gate, up = F.linear(hidden[token], gate_up[expert]).chunk(2, dim=-1)
+        expert_out = F.linear(F.silu(gate) * up, down[expert]) * weights[token, slot, None]
+        out = out.index_add(0, token, expert_out.to(hidden.dtype))
+    return out
