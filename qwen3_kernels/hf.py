@@ -19,6 +19,13 @@ parameters, their names and the state dict stay as they are: only ``forward`` me
   transformers' shift, ``ignore_index``, ``shift_labels``, ``num_items_in_batch`` (Trainer's gradient
   accumulation) and ``logits_to_keep``. In eval mode, or with ``skip_logits=False``, logits as before.
 
+- Qwen3-MoE (``Qwen3MoeForCausalLM``, 30B-A3B and 235B-A22B) gets all of the above and its MoE
+  block: the router's softmax + top-k -> ``ops.moe_route`` and the experts -> ``ops.moe_experts``,
+  registered with transformers' ``ExpertsInterface`` as ``"qwen3_kernels"`` (the experts' own
+  parameters, so their state dict and PEFT's view of them stay transformers'); the fused loss adds
+  transformers' own load-balancing loss (``router_aux_loss_coef * aux_loss``) where router logits
+  are requested, as transformers does.
+
 Anything outside that (another architecture, a transformers older than 5) is an error that says so.
 Where a module's inputs do not fit a kernel (a PEFT-wrapped norm or LM head), that module runs
 transformers' own code: slower, never different. Under autocast on an fp32 model, half activations
@@ -81,9 +88,31 @@ def _qwen3():
     return modeling_qwen3
 
 
+@functools.cache
+def _qwen3_moe():
+    """transformers' Qwen3-MoE modelling module with its own forwards taken, or None where this
+    transformers has no Qwen3-MoE with stacked experts (then only dense Qwen3 is patched)."""
+    _qwen3()
+    try:
+        from transformers.models.qwen3_moe import modeling_qwen3_moe as moe
+    except ImportError:
+        return None
+    if not all(hasattr(moe, name) for name in _MOE_FORWARDS) or not hasattr(moe, "load_balancing_loss_func"):
+        return None
+    for name in _MOE_FORWARDS:
+        _ORIGINAL.setdefault(name, getattr(moe, name).forward)
+    # the experts' own loop, under the ExpertsInterface dispatch that would call us again
+    _ORIGINAL.setdefault("Qwen3MoeExperts.loop", inspect.unwrap(moe.Qwen3MoeExperts.forward))
+    _ORIGINAL.setdefault("Qwen3MoePreTrainedModel.post_init", moe.Qwen3MoePreTrainedModel.post_init)
+    global _moe_modeling
+    _moe_modeling = moe
+    return moe
+
+
 # set by _qwen3(), which apply_kernels and register_attention call before any forward of ours runs;
 # the forwards read these globals rather than calling it, so torch.compile traces nothing of it
 _modeling = None
+_moe_modeling = None
 _cache_name = "past_key_values"
 
 
@@ -218,7 +247,7 @@ def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     if self.config.hidden_act != "silu":
-        return _ORIGINAL["Qwen3MLP"](self, x)
+        return _ORIGINAL[type(self).__name__](self, x)
     return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -234,7 +263,7 @@ def _attention_forward(self, hidden_states: torch.Tensor, position_embeddings: t
     v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim)
     cos, sin = position_embeddings                                               # (B or 1, T, D)
     norms = (self.q_norm, self.k_norm)
-    if all(type(n) is m.Qwen3RMSNorm for n in norms) \
+    if all(type(n).__name__ in ("Qwen3RMSNorm", "Qwen3MoeRMSNorm") for n in norms) \
             and self.q_norm.variance_epsilon == self.k_norm.variance_epsilon \
             and q.dtype == k.dtype:  # norm weights and cos/sin may be fp32 beside half q/k (autocast)
         q, k = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.variance_epsilon)
@@ -256,13 +285,53 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     """transformers' Qwen3ForCausalLM.forward, but the training loss comes from the hidden states
     through ``ops.linear_cross_entropy`` and no logits are built (``skip_logits``, default: training
     with labels)."""
-    m = _modeling
-    cache_name = _cache_name
     return_dict = kwargs.pop("return_dict", None)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         **{cache_name: cache if cache is not None else past_key_values}, **kwargs)
-    hidden = outputs.last_hidden_state                                           # (B, T, C)
+                         **{_cache_name: cache if cache is not None else past_key_values}, **kwargs)
+    logits, loss = _logits_and_loss(self, outputs.last_hidden_state, labels, logits_to_keep, skip_logits, kwargs)
+    output = _modeling.CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                              attentions=outputs.attentions,
+                                              **{_cache_name: getattr(outputs, _cache_name)})
+    return _returned(self, output, return_dict)
+
+
+def _moe_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                           inputs_embeds=None, labels=None, use_cache=None, output_router_logits=None,
+                           logits_to_keep=0, cache=None, skip_logits: bool | None = None, **kwargs):
+    """transformers' Qwen3MoeForCausalLM.forward with the fused loss of ``_causal_lm_forward``; where
+    router logits are requested (the argument, else the config's ``output_router_logits``), the
+    load-balancing loss is transformers' own ``load_balancing_loss_func`` over them, added times
+    ``router_aux_loss_coef`` to the loss when there are labels."""
+    return_dict = kwargs.pop("return_dict", None)
+    if output_router_logits is None:
+        output_router_logits = self.config.output_router_logits
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_router_logits=output_router_logits,
+                         **{_cache_name: cache if cache is not None else past_key_values}, **kwargs)
+    logits, loss = _logits_and_loss(self, outputs.last_hidden_state, labels, logits_to_keep, skip_logits, kwargs)
+    aux_loss = None
+    if output_router_logits:
+        aux_loss = _moe_modeling.load_balancing_loss_func(outputs.router_logits, self.num_experts,
+                                                          self.num_experts_per_tok, attention_mask)
+        if loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+    output = _moe_modeling.MoeCausalLMOutputWithPast(
+        loss=loss, aux_loss=aux_loss, logits=logits, hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions, router_logits=outputs.router_logits,
+        **{_cache_name: getattr(outputs, _cache_name)})
+    return _returned(self, output, return_dict)
+
+
+def _returned(model, output, return_dict):
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    return output if return_dict else output.to_tuple()
+
+
+def _logits_and_loss(self, hidden, labels, logits_to_keep, skip_logits, kwargs):
+    """(logits or None, loss or None) of a causal LM's last hidden states (B, T, C), as transformers'
+    forward computes them, the training loss fused (no logits) where ``skip_logits``."""
     keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
     hidden = hidden[:, keep, :]
     shift_labels = kwargs.get("shift_labels")
@@ -273,22 +342,57 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         raise ValueError("skip_logits=True needs labels (or shift_labels): without logits there is nothing else to return")
     head = self.lm_head
     fits = type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype == hidden.dtype
-    logits = loss = None
     if skip_logits and fits:
-        loss = _fused_causal_lm_loss(hidden, head.weight, labels, shift_labels, kwargs.get("num_items_in_batch"),
-                                     kwargs.get("ignore_index", IGNORE_INDEX))
-    else:
-        if skip_logits:
-            _log_once("the loss builds the logits: the LM head is not a plain bias-free nn.Linear in the hidden "
-                      "states' dtype (a PEFT-wrapped head, or autocast)")
-        logits = self.lm_head(hidden)
-        if has_labels:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-    output = m.CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                      attentions=outputs.attentions, **{cache_name: getattr(outputs, cache_name)})
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    return output if return_dict else output.to_tuple()
+        return None, _fused_causal_lm_loss(hidden, head.weight, labels, shift_labels, kwargs.get("num_items_in_batch"),
+                                           kwargs.get("ignore_index", IGNORE_INDEX))
+    if skip_logits:
+        _log_once("the loss builds the logits: the LM head is not a plain bias-free nn.Linear in the hidden "
+                  "states' dtype (a PEFT-wrapped head, or autocast)")
+    logits = self.lm_head(hidden)
+    loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) \
+        if has_labels else None
+    return logits, loss
+
+
+# --- the MoE block: router and experts ----------------------------------------------------------------
+
+def _router_forward(self, hidden_states: torch.Tensor):
+    """transformers' Qwen3MoeTopKRouter.forward: (router logits (N, E), weights (N, k), expert ids
+    (N, k)), the softmax + top-k + renormalisation in ``ops.moe_route``."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)                   # (N, C)
+    router_logits = F.linear(hidden_states, self.weight)                         # (N, E)
+    weights, expert_ids = ops.moe_route(router_logits, self.top_k, self.norm_topk_prob)
+    return router_logits, weights, expert_ids
+
+
+def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                    ) -> torch.Tensor:
+    """The ``"qwen3_kernels"`` experts implementation (transformers' ``ExpertsInterface`` contract):
+    hidden (N, C), expert ids and weights (N, k) -> (N, C) through ``ops.moe_experts`` on the
+    module's stacked ``gate_up_proj (E, 2I, C)`` and ``down_proj (E, C, I)``. Layouts or dtypes the
+    kernel does not take run transformers' own loop."""
+    reason = _experts_reason(self, hidden_states, top_k_weights)
+    if reason:
+        _log_once(f"the MoE experts run transformers' loop: {reason}")
+        return _ORIGINAL["Qwen3MoeExperts.loop"](self, hidden_states, top_k_index, top_k_weights)
+    return ops.moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+
+
+def _experts_reason(module, hidden, weights) -> str:
+    """Why these experts cannot run ``ops.moe_experts`` exactly, or "" when they can."""
+    act = getattr(module.config, "hidden_act", "silu")
+    if act != "silu":
+        return f"hidden_act {act!r} (the kernel's activation is SiLU)"
+    for flag, fine in (("has_bias", False), ("is_transposed", False), ("is_concatenated", True), ("has_gate", True)):
+        if getattr(module, flag, fine) != fine:
+            return f"{flag}={not fine} (the kernel takes concatenated [gate; up] weights without bias)"
+    gate_up, down = module.gate_up_proj, module.down_proj
+    if not isinstance(gate_up, torch.Tensor) or type(gate_up) not in (torch.Tensor, torch.nn.Parameter):
+        return f"gate_up_proj is a {type(gate_up).__name__}"
+    if not (hidden.dtype == weights.dtype == gate_up.dtype == down.dtype):
+        return (f"dtypes differ (hidden {hidden.dtype}, routing weights {weights.dtype}, gate_up_proj {gate_up.dtype}, "
+                f"down_proj {down.dtype})")
+    return ""
 
 
 def _fused_causal_lm_loss(hidden, weight, labels, shift_labels, num_items_in_batch, ignore_index):
@@ -313,57 +417,110 @@ def _fused_causal_lm_loss(hidden, weight, labels, shift_labels, num_items_in_bat
 _FORWARDS = {"Qwen3RMSNorm": ("rms_norm", _rms_norm_forward), "Qwen3MLP": ("swiglu", _mlp_forward),
              "Qwen3Attention": ("qk_norm_rope", _attention_forward),
              "Qwen3ForCausalLM": ("linear_cross_entropy", _causal_lm_forward)}
+# Qwen3-MoE: the same modules under its names, plus the MoE block's router and experts (the experts
+# through transformers' ExpertsInterface where it has one: see _patch_experts)
+_MOE_FORWARDS = {"Qwen3MoeRMSNorm": ("rms_norm", _rms_norm_forward), "Qwen3MoeMLP": ("swiglu", _mlp_forward),
+                 "Qwen3MoeAttention": ("qk_norm_rope", _attention_forward),
+                 "Qwen3MoeForCausalLM": ("linear_cross_entropy", _moe_causal_lm_forward),
+                 "Qwen3MoeTopKRouter": ("moe", _router_forward), "Qwen3MoeExperts": ("moe", experts_forward)}
 _ORIGINAL: dict[str, object] = {}       # transformers' own methods, taken before any patch
-_CLASS_PATCHES: dict[str, object] = {}  # what apply_kernels() put into transformers' classes
+_CLASS_PATCHES: dict[str, tuple] = {}   # what apply_kernels() put into transformers' classes: name -> (class, attr)
+
+
+def _experts_interface():
+    """transformers' ExpertsInterface with ``"qwen3_kernels"`` registered, or None where this
+    transformers has none (its experts' forward is then patched instead)."""
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError:
+        return None
+    ExpertsInterface.register(ATTENTION, experts_forward)
+    return ExpertsInterface
 
 
 def apply_kernels(model: torch.nn.Module | None = None, *, rms_norm: bool = True, qk_norm_rope: bool = True,
-                  swiglu: bool = True, attention: bool = True, linear_cross_entropy: bool = True):
-    """Puts the kernels into transformers' Qwen3.
+                  swiglu: bool = True, attention: bool = True, linear_cross_entropy: bool = True, moe: bool = True):
+    """Puts the kernels into transformers' Qwen3 and Qwen3-MoE.
 
-    With no ``model``: patches the Qwen3 classes, so every Qwen3 model built afterwards (by
+    With no ``model``: patches the classes, so every Qwen3 / Qwen3-MoE model built afterwards (by
     ``from_pretrained`` too) uses the kernels and, with ``attention``, the ``"qwen3_kernels"``
-    attention whatever ``attn_implementation`` it was given (``attention=False`` keeps that).
-    With a model (``Qwen3ForCausalLM`` or ``Qwen3Model``, possibly wrapped by PEFT): patches every
-    Qwen3 module in it, the attention's ``q_norm``/``k_norm`` included, and switches its attention
-    implementation to ``"qwen3_kernels"``. Parameters and the state dict are untouched. Returns
-    ``model``; ``remove_kernels()`` undoes the class patch."""
-    m = _qwen3()
+    attention whatever ``attn_implementation`` it was given (``attention=False`` keeps that); with
+    ``moe``, the ``"qwen3_kernels"`` experts implementation likewise.
+    With a model (``Qwen3ForCausalLM``, ``Qwen3Model``, ``Qwen3MoeForCausalLM`` or ``Qwen3MoeModel``,
+    possibly wrapped by PEFT): patches every such module in it, the attention's ``q_norm``/``k_norm``
+    included, and switches its attention (and experts) implementation to ``"qwen3_kernels"``.
+    Parameters and the state dict are untouched. Returns ``model``; ``remove_kernels()`` undoes the
+    class patch."""
+    families = [(_qwen3(), _FORWARDS)]
+    if _qwen3_moe() is not None:
+        families.append((_moe_modeling, _MOE_FORWARDS))
     wanted = dict(rms_norm=rms_norm, qk_norm_rope=qk_norm_rope, swiglu=swiglu, attention=attention,
-                  linear_cross_entropy=linear_cross_entropy)
+                  linear_cross_entropy=linear_cross_entropy, moe=moe)
     if attention:
         register_attention()
+    interface = _experts_interface() if moe else None
     if model is None:
-        for name, (part, forward) in _FORWARDS.items():
-            if wanted[part]:
-                getattr(m, name).forward = _CLASS_PATCHES[name] = forward
-        if attention:
-            m.Qwen3PreTrainedModel.post_init = _CLASS_PATCHES["Qwen3PreTrainedModel.post_init"] = _post_init
+        for module, forwards in families:
+            for name, (part, forward) in forwards.items():
+                if wanted[part] and not (name == "Qwen3MoeExperts" and interface is not None):
+                    _patch_class(module, name, "forward", forward)
+            prefix = "Qwen3Moe" if module is _moe_modeling else "Qwen3"
+            experts = interface is not None and module is _moe_modeling
+            if attention or experts:
+                _patch_class(module, f"{prefix}PreTrainedModel", "post_init",
+                             functools.partial(_post_init, f"{prefix}PreTrainedModel.post_init", attention, experts))
         return None
-    qwen3 = [mod for mod in model.modules() if isinstance(mod, (m.Qwen3Model, m.Qwen3ForCausalLM))]
-    if not qwen3:
-        raise TypeError(f"apply_kernels patches transformers' Qwen3 (Qwen3ForCausalLM or Qwen3Model, bare or inside "
-                        f"PEFT); got a {type(model).__name__} with no Qwen3 model inside")
+    roots = tuple(getattr(module, f"{prefix}{kind}") for module, _ in families
+                  for prefix in (("Qwen3Moe" if module is _moe_modeling else "Qwen3"),)
+                  for kind in ("Model", "ForCausalLM"))
+    found = [mod for mod in model.modules() if isinstance(mod, roots)]
+    if not found:
+        raise TypeError(f"apply_kernels patches transformers' Qwen3 and Qwen3-MoE (Qwen3ForCausalLM, Qwen3Model, "
+                        f"Qwen3MoeForCausalLM or Qwen3MoeModel, bare or inside PEFT); got a {type(model).__name__} "
+                        "with no Qwen3 model inside")
     for module in model.modules():
-        for name, (part, forward) in _FORWARDS.items():
-            if wanted[part] and type(module) is getattr(m, name):
-                module.forward = types.MethodType(forward, module)
-    if attention:
-        for mod in qwen3:
+        for family, forwards in families:
+            for name, (part, forward) in forwards.items():
+                if not (wanted[part] and type(module) is getattr(family, name)):
+                    continue
+                if name == "Qwen3MoeExperts" and interface is not None:
+                    module.config._experts_implementation = ATTENTION
+                else:
+                    module.forward = types.MethodType(forward, module)
+    for mod in found:
+        if attention:
             mod.config._attn_implementation = ATTENTION
+        if interface is not None and _moe_modeling is not None and isinstance(mod, (
+                _moe_modeling.Qwen3MoeModel, _moe_modeling.Qwen3MoeForCausalLM)):
+            mod.config._experts_implementation = ATTENTION
     return model
 
 
-def _post_init(self) -> None:
-    _ORIGINAL["Qwen3PreTrainedModel.post_init"](self)
-    self.config._attn_implementation = ATTENTION
+def _patch_class(module, cls_name: str, attr: str, value) -> None:
+    name = cls_name if attr == "forward" else f"{cls_name}.{attr}"
+    setattr(getattr(module, cls_name), attr, value if attr == "forward" else _bound(value))
+    _CLASS_PATCHES[name] = (getattr(module, cls_name), attr)
+
+
+def _bound(fn):
+    """A plain function (a partial is no descriptor), so it binds ``self`` as a method."""
+    def method(self, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+    return method
+
+
+def _post_init(original: str, attention: bool, experts: bool, self) -> None:
+    _ORIGINAL[original](self)
+    if attention:
+        self.config._attn_implementation = ATTENTION
+    if experts:
+        self.config._experts_implementation = ATTENTION
 
 
 def remove_kernels() -> None:
     """Undoes ``apply_kernels()`` on transformers' classes (models built since keep their patched
-    config's attention implementation; set ``model.config._attn_implementation`` to change it)."""
-    m = _qwen3()
+    config's attention and experts implementation; set ``model.config._attn_implementation`` /
+    ``_experts_implementation`` to change it)."""
     for name in list(_CLASS_PATCHES):
-        cls_name, _, attr = name.partition(".")
-        setattr(getattr(m, cls_name), attr or "forward", _ORIGINAL[name])
-        del _CLASS_PATCHES[name]
+        cls, attr = _CLASS_PATCHES.pop(name)
+        setattr(cls, attr, _ORIGINAL[name])
