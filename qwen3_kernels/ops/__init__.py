@@ -24,7 +24,7 @@ BACKEND_ENV = "QWEN3_KERNELS_BACKEND"
 BACKENDS = ("auto", "reference", "triton")
 OPS = ("rms_norm", "add_rms_norm", "apply_rope", "qk_norm_rope", "qk_norm_rope_into_cache", "swiglu", "attention",
        "packed_linear", "linear_cross_entropy", "moe_route", "moe_experts")
-_TL_DOT_OPS = ("attention",)  # ops whose kernels multiply matrices with tl.dot
+_TL_DOT_OPS = ("attention", "moe_experts")  # ops whose kernels multiply matrices with tl.dot
 
 
 class Choice(NamedTuple):

@@ -111,14 +111,16 @@ def test_opcheck(name):
 
 @needs_triton
 def test_interpreter_never_runs_bf16_tl_dot(monkeypatch, fresh_choices):
-    """Triton's interpreter returns garbage for bf16 tl.dot: bf16 attention on CPU tensors goes to the
-    reference even when Triton is forced, and the report says why; the elementwise kernels stay."""
+    """Triton's interpreter returns garbage for bf16 tl.dot: bf16 attention and MoE experts on CPU
+    tensors go to the reference even when Triton is forced, and the report says why; the other
+    kernels stay."""
     monkeypatch.setenv("QWEN3_KERNELS_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     report = ops.report("cpu", torch.bfloat16)
-    assert report["attention"].backend == "reference" and "tl.dot on bfloat16" in report["attention"].reason
-    assert all(report[op].backend == "triton" for op in ops.OPS if op != "attention")
-    assert ops.choose("attention", "cpu", torch.float16).backend == "triton"
+    for op in ops._TL_DOT_OPS:
+        assert report[op].backend == "reference" and "tl.dot on bfloat16" in report[op].reason, op
+        assert ops.choose(op, "cpu", torch.float16).backend == "triton", op
+    assert all(report[op].backend == "triton" for op in ops.OPS if op not in ops._TL_DOT_OPS)
 
 
 @needs_triton

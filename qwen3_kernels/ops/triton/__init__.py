@@ -3,7 +3,7 @@ Triton implementation; ops missing here run the reference."""
 
 import triton  # noqa: F401  (ImportError here tells the dispatcher Triton is unavailable)
 
-from . import attention, cross_entropy, linear, rms_norm, rope, swiglu
+from . import attention, cross_entropy, linear, moe, rms_norm, rope, swiglu
 
 KERNELS: dict = {
     "rms_norm": rms_norm.rms_norm,
@@ -15,4 +15,6 @@ KERNELS: dict = {
     "swiglu": swiglu.swiglu,
     "attention": attention.attention,
     "linear_cross_entropy": cross_entropy.linear_cross_entropy,
+    "moe_route": moe.moe_route,
+    "moe_experts": moe.moe_experts,
 }
