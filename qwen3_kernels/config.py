@@ -1,5 +1,6 @@
-"""Model configuration: Qwen3-0.6B by default, every dense Qwen3 size as a preset, and a reader for
-Hugging Face ``config.json`` files that refuses what the model cannot honour."""
+"""Model configuration: Qwen3-0.6B by default, every Qwen3 size as a preset (the dense ones and the
+Mixture-of-Experts 30B-A3B and 235B-A22B), and a reader for Hugging Face ``config.json`` files
+(``qwen3`` and ``qwen3_moe``) that refuses what the model cannot honour."""
 
 from __future__ import annotations
 
@@ -32,6 +33,17 @@ class Config:
     rope_scaling: dict | None = None
     # The dtype the checkpoint was published in ("bfloat16", ...); None for random models.
     dtype: str | None = None
+    # Mixture of Experts (transformers' qwen3_moe); num_experts = 0 is the dense Qwen3. A layer is MoE
+    # when it is not in mlp_only_layers and (index + 1) % decoder_sparse_step == 0 (see is_moe_layer);
+    # the others have the dense SwiGLU of intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0            # top-k experts per token
+    moe_intermediate_size: int = 0          # each expert's SwiGLU width
+    norm_topk_prob: bool = False            # renormalise the k routing weights to sum to 1 (transformers' default: no)
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.001     # weight of the load-balancing loss added to the training loss
+    output_router_logits: bool = False      # add it by default when labels are given (QWEN.forward)
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -51,10 +63,47 @@ class Config:
             _check_yarn(self.rope_scaling)
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"Config.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        def whole(name, lowest):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+                raise ValueError(f"Config.{name} must be an integer >= {lowest}, got {value!r}")
+
+        whole("num_experts", 0)
+        whole("decoder_sparse_step", 1)
+        if not isinstance(self.mlp_only_layers, (list, tuple)):
+            raise ValueError(f"Config.mlp_only_layers must be a list of layer indices, got {self.mlp_only_layers!r}")
+        self.mlp_only_layers = tuple(self.mlp_only_layers)  # a list from JSON; a tuple keeps presets immutable
+        for i in self.mlp_only_layers:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.num_layers:
+                raise ValueError(f"Config.mlp_only_layers must hold layer indices in [0, {self.num_layers}), "
+                                 f"got {i!r}")
+        if not isinstance(self.router_aux_loss_coef, (int, float)) or isinstance(self.router_aux_loss_coef, bool) \
+                or not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"Config.router_aux_loss_coef must be a number >= 0, got {self.router_aux_loss_coef!r}")
+        self.router_aux_loss_coef = float(self.router_aux_loss_coef)
+        if self.num_experts == 0:
+            return
+        whole("moe_intermediate_size", 1)
+        whole("num_experts_per_tok", 1)
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"Config.num_experts_per_tok ({self.num_experts_per_tok}) must not exceed "
+                             f"Config.num_experts ({self.num_experts})")
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether layer ``index`` (0-based) is a Mixture-of-Experts layer (else it has the dense FFN)."""
+        return (self.num_experts > 0 and index not in self.mlp_only_layers
+                and (index + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
     @classmethod
     def preset(cls, name: str) -> "Config":
-        """One of the published dense Qwen3 sizes: ``Config.preset("8B")``."""
+        """One of the published Qwen3 sizes: ``Config.preset("8B")``, ``Config.preset("30B-A3B")``."""
         key = name.upper().removeprefix("QWEN3-")
         if key not in PRESETS:
             raise KeyError(f"unknown Qwen3 preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -62,7 +111,7 @@ class Config:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Config":
-        """Reads a Hugging Face Qwen3 ``config.json`` (a file or the directory holding it)."""
+        """Reads a Hugging Face Qwen3 or Qwen3-MoE ``config.json`` (a file or the directory holding it)."""
         path = os.fspath(path)
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
@@ -82,8 +131,9 @@ class Config:
             return hf[key]
 
         model_type = hf.get("model_type", "qwen3")
-        if model_type != "qwen3":
-            raise ValueError(f"{source}: model_type {model_type!r} is not a dense Qwen3 ('qwen3')")
+        if model_type not in ("qwen3", "qwen3_moe"):
+            raise ValueError(f"{source}: model_type {model_type!r} is not a Qwen3 ('qwen3') or a Qwen3-MoE "
+                             "('qwen3_moe')")
         if hf.get("use_sliding_window", False):
             raise ValueError(f"{source}: use_sliding_window=true is not supported (no Qwen3 release uses it)")
         if hf.get("hidden_act", "silu") != "silu":
@@ -125,6 +175,21 @@ class Config:
 
         num_heads = need("num_attention_heads")
         dtype = hf.get("dtype", hf.get("torch_dtype"))
+        moe = {}
+        if model_type == "qwen3_moe":
+            # keys a file leaves out take transformers' Qwen3MoeConfig defaults, as transformers reads it;
+            # transformers 5 writes num_experts as num_local_experts
+            num_experts = hf.get("num_experts", hf.get("num_local_experts", 128))
+            if hf.get("shared_expert_intermediate_size"):
+                raise ValueError(f"{source}: shared_expert_intermediate_size="
+                                 f"{hf['shared_expert_intermediate_size']}: Qwen3-MoE has no shared expert")
+            moe = dict(num_experts=num_experts, num_experts_per_tok=hf.get("num_experts_per_tok", 8),
+                       moe_intermediate_size=hf.get("moe_intermediate_size", 768),
+                       norm_topk_prob=_flag(hf, "norm_topk_prob", False, source),
+                       decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+                       mlp_only_layers=hf.get("mlp_only_layers") or (),
+                       router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+                       output_router_logits=_flag(hf, "output_router_logits", False, source))
         return cls(
             vocab_size=need("vocab_size"),
             hidden_size=need("hidden_size"),
@@ -140,6 +205,7 @@ class Config:
             attention_bias=bool(hf.get("attention_bias", False)),
             rope_scaling=scaling,
             dtype=dtype,
+            **moe,
         )
 
     def to_hf_dict(self) -> dict:
@@ -153,6 +219,12 @@ class Config:
               "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
               "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
               "rope_parameters": rope}
+        if self.num_experts:
+            hf.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=self.num_experts,
+                      num_experts_per_tok=self.num_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
+                      norm_topk_prob=self.norm_topk_prob, decoder_sparse_step=self.decoder_sparse_step,
+                      mlp_only_layers=list(self.mlp_only_layers), router_aux_loss_coef=self.router_aux_loss_coef,
+                      output_router_logits=self.output_router_logits)
         if self.dtype is not None:
             hf["dtype"] = self.dtype
         return hf
@@ -170,6 +242,13 @@ class Config:
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return _DTYPES[self.dtype] if self.dtype else None
+
+
+def _flag(hf: dict, key: str, default: bool, source: str) -> bool:
+    value = hf.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
+    return value
 
 
 _YARN_KEYS = {"rope_type", "factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
@@ -234,8 +313,8 @@ def _preset(**kw) -> Config:
     return Config(dtype="bfloat16", **kw)
 
 
-# Published config.json values of the dense Qwen3 releases (vocab 151936, head_dim 128, 8 KV heads,
-# RoPE base 1e6, eps 1e-6 and 40960 positions are shared by all of them).
+# Published config.json values of the Qwen3 releases (vocab 151936, head_dim 128, RoPE base 1e6, eps 1e-6
+# and 40960 positions are shared by all of them; the dense ones have 8 KV heads).
 PRESETS: dict[str, Config] = {
     "0.6B": _preset(hidden_size=1024, num_layers=28, num_heads=16, intermediate_size=3072, tie_word_embeddings=True),
     "1.7B": _preset(hidden_size=2048, num_layers=28, num_heads=16, intermediate_size=6144, tie_word_embeddings=True),
@@ -243,4 +322,12 @@ PRESETS: dict[str, Config] = {
     "8B": _preset(hidden_size=4096, num_layers=36, num_heads=32, intermediate_size=12288, tie_word_embeddings=False),
     "14B": _preset(hidden_size=5120, num_layers=40, num_heads=40, intermediate_size=17408, tie_word_embeddings=False),
     "32B": _preset(hidden_size=5120, num_layers=64, num_heads=64, intermediate_size=25600, tie_word_embeddings=False),
+    # The MoE releases: 4 KV heads, 128 experts of which each token uses 8 (weights renormalised), every
+    # layer MoE, untied head; their dense intermediate_size is in the file though no layer uses it.
+    "30B-A3B": _preset(hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4, intermediate_size=6144,
+                       tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                       norm_topk_prob=True),
+    "235B-A22B": _preset(hidden_size=4096, num_layers=94, num_heads=64, num_kv_heads=4, intermediate_size=12288,
+                         tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8,
+                         moe_intermediate_size=1536, norm_topk_prob=True),
 }

@@ -1,7 +1,13 @@
-"""Hugging Face Qwen3 checkpoints: config.json plus one safetensors file or an indexed set of shards.
+"""Hugging Face Qwen3 and Qwen3-MoE checkpoints: config.json plus one safetensors file or an indexed set
+of shards.
 
 Tensors are read one at a time (``safetensors.safe_open``) and converted straight to the target
-device and dtype, so no full-precision copy of the model ever sits in host memory."""
+device and dtype, so no full-precision copy of the model ever sits in host memory. An MoE layer's
+experts are read in either layout: the published one, a tensor per expert and projection
+(``model.layers.{i}.mlp.experts.{e}.gate_proj.weight``, ``up_proj``, ``down_proj``: what transformers
+4 and 5, vLLM and SGLang read and write), each copied into its slice of the model's stacked
+parameter, or transformers 5's stacked one (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``).
+``local_to_hf_tensors`` gives a state dict back in the published layout."""
 
 from __future__ import annotations
 
@@ -31,7 +37,13 @@ _LAYER_NAMES = {
     "mlp.gate_proj.weight": "ffn.gate_proj.weight",
     "mlp.up_proj.weight": "ffn.up_proj.weight",
     "mlp.down_proj.weight": "ffn.down_proj.weight",
+    "mlp.gate.weight": "ffn.gate.weight",                   # an MoE layer's router
+    "mlp.experts.gate_up_proj": "ffn.experts.gate_up_proj",  # its experts, stacked (transformers 5's names)
+    "mlp.experts.down_proj": "ffn.experts.down_proj",
 }
+# The published per-expert layout: each expert's projections, which the model keeps stacked.
+_EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+_STACKED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
 _TOP_NAMES = {"model.embed_tokens.weight": "embeddings.weight", "model.norm.weight": "norm.weight",
               "lm_head.weight": "lm_head.weight"}
 
@@ -54,8 +66,51 @@ def hf_to_local(key: str) -> str | None:
     return None
 
 
+def expert_part(key: str, config: Config) -> tuple[str, tuple[int, str]] | None:
+    """For a published per-expert tensor name, the stacked parameter it is part of and which part:
+    ``("blocks.{i}.ffn.experts.gate_up_proj", (expert, "gate_proj"))``; None for any other name, an
+    expert index the config does not have included."""
+    m = _EXPERT_KEY.fullmatch(key)
+    if m is None or int(m.group(2)) >= config.num_experts:
+        return None
+    layer, expert, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+    return f"blocks.{layer}.ffn.experts.{_STACKED[proj]}", (expert, proj)
+
+
+def _part_index(part: tuple[int, str], config: Config) -> tuple:
+    """Where an expert's projection sits in its stacked parameter: gate rows first, then up."""
+    expert, proj = part
+    I = config.moe_intermediate_size
+    return {"gate_proj": (expert, slice(0, I)), "up_proj": (expert, slice(I, 2 * I)), "down_proj": (expert,)}[proj]
+
+
+def _expert_key(name: str, part: tuple[int, str]) -> str:
+    layer = re.fullmatch(r"blocks\.(\d+)\..+", name).group(1)
+    return f"model.layers.{layer}.mlp.experts.{part[0]}.{part[1]}.weight"
+
+
+def _expert_parts(name: str, config: Config) -> list[tuple[int, str]]:
+    projs = ("gate_proj", "up_proj") if name.endswith("gate_up_proj") else ("down_proj",)
+    return [(e, proj) for e in range(config.num_experts) for proj in projs]
+
+
+def local_to_hf_tensors(state: dict[str, torch.Tensor], config: Config):
+    """``(name, tensor)`` pairs of a checkpoint in the published layout from our state dict: the
+    Hugging Face names, each MoE layer's stacked experts split into one tensor per expert and
+    projection (views of the stacked ones, no copy), a tied LM head left out (it is the embedding)."""
+    for name, tensor in state.items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if re.fullmatch(r"blocks\.\d+\.ffn\.experts\.(gate_up_proj|down_proj)", name):
+            for part in _expert_parts(name, config):
+                yield _expert_key(name, part), tensor[_part_index(part, config)]
+        else:
+            yield local_to_hf(name), tensor
+
+
 def local_to_hf(name: str) -> str:
-    """The Hugging Face tensor name of one of our parameter names."""
+    """The Hugging Face tensor name of one of our parameter names (an MoE layer's experts: transformers
+    5's stacked names, those of its parameters)."""
     for hf, local in _TOP_NAMES.items():
         if local == name:
             return hf
@@ -149,6 +204,16 @@ def _read_tensor(handle, file: str, key: str, keys_in_file, index_used: bool):
         raise
 
 
+def _allocate(name: str, shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A stacked expert parameter, filled expert by expert as the checkpoint's tensors are read."""
+    try:
+        return torch.empty(shape, device=device, dtype=dtype)
+    except torch.OutOfMemoryError as e:
+        size = shape.numel() * dtype.itemsize
+        raise MemoryError(f"out of memory on {device} allocating {local_to_hf(name)!r} ({tuple(shape)}, "
+                          f"{size / 2**20:.1f} MiB in {dtype}): {e}") from None
+
+
 def load_pretrained(cls, path, *, dtype=None, device=None, fused=False):
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -167,21 +232,37 @@ def load_pretrained(cls, path, *, dtype=None, device=None, fused=False):
         model = cls(config, fused=fused)
     expected = {name: p.shape for name, p in model.named_parameters()}  # a tied head appears once
 
-    local_names = {}
+    # each checkpoint tensor's destination: (our name, None) for a whole tensor, (our name, (expert,
+    # projection)) for one expert's part of a stacked parameter
+    local_names: dict[str, tuple[str, tuple[int, str] | None]] = {}
     unexpected = []
     for key in files:
         if _IGNORED.fullmatch(key):
             continue
-        name = hf_to_local(key)
+        name, part = hf_to_local(key), None
+        if name is None and (found := expert_part(key, config)) is not None:
+            name, part = found
         if name is None or name not in expected and name != "lm_head.weight":
             unexpected.append(key)
         elif not (config.tie_word_embeddings and name == "lm_head.weight"):  # tied: the embedding is the head
-            local_names[key] = name
-    missing = sorted(set(expected) - set(local_names.values()))
-    if unexpected or missing:
+            local_names[key] = (name, part)
+    whole = {name for name, part in local_names.values() if part is None}
+    parts: dict[str, set] = {}
+    for name, part in local_names.values():
+        if part is not None:
+            parts.setdefault(name, set()).add(part)
+    both = sorted(whole & set(parts))
+    if both:
+        raise CheckpointError(f"checkpoint {path!r} stores experts both stacked and one tensor per expert: "
+                              f"{summarize(local_to_hf(n) for n in both)} and its per-expert tensors")
+    missing = sorted(set(expected) - whole - set(parts))
+    missing_keys = [local_to_hf(n) for n in missing if n not in parts]
+    for name, found in parts.items():  # an expert layout must be complete: name the experts it lacks
+        missing_keys += [_expert_key(name, p) for p in _expert_parts(name, config) if p not in found]
+    if unexpected or missing_keys:
         problems = []
-        if missing:
-            problems.append(f"missing {summarize(local_to_hf(n) for n in missing)}")
+        if missing_keys:
+            problems.append(f"missing {summarize(missing_keys)}")
         if unexpected:
             problems.append(f"unexpected {summarize(unexpected)}")
         layers = {int(m.group(1)) for key in files if (m := _LAYER_KEY.fullmatch(key))}
@@ -203,8 +284,18 @@ def load_pretrained(cls, path, *, dtype=None, device=None, fused=False):
             handle = _open(file, device=str(device) if device.type == "cuda" else "cpu")
             keys_in_file = set(handle.keys())
             for key in keys:
-                name = local_names[key]
+                name, part = local_names[key]
                 tensor = _read_tensor(handle, file, key, keys_in_file, show_progress)
+                if part is not None:  # one expert's projection, into its slice of the stacked parameter
+                    if name not in state:
+                        state[name] = _allocate(name, expected[name], device, dtype)
+                    target = state[name][_part_index(part, config)]
+                    if tensor.shape != target.shape:
+                        raise CheckpointError(f"{key}: checkpoint shape {tuple(tensor.shape)} does not match the "
+                                              f"config's shape {tuple(target.shape)}")
+                    target.copy_(tensor)
+                    del tensor
+                    continue
                 if tuple(tensor.shape) != tuple(expected[name]):
                     raise CheckpointError(f"{key}: checkpoint shape {tuple(tensor.shape)} does not match the "
                                           f"config's shape {tuple(expected[name])}")

@@ -1,5 +1,7 @@
 """Qwen3, top to bottom: token embedding -> N x [pre-norm GQA attention, pre-norm SwiGLU FFN] ->
-final RMSNorm -> LM head (tied to the embedding in the small sizes).
+final RMSNorm -> LM head (tied to the embedding in the small sizes). In Qwen3-MoE (30B-A3B, 235B-A22B)
+the FFN of each sparse layer is a Mixture of Experts: a router picks k of E SwiGLU experts per token
+and the FFN's output is their weighted sum (``MoE``); training adds a load-balancing loss.
 
 Every computation goes through ``qwen3_kernels.ops``: ``fused=True`` uses the dispatcher there
 (Triton kernels where the device supports them), ``fused=False`` the eager reference. The model
@@ -105,6 +107,95 @@ class FFN(nn.Module):
         return self.down_proj(self.ops.swiglu(gate, up))
 
 
+class Experts(nn.Module):
+    """E SwiGLU experts, stacked so that one kernel sees each projection whole: ``gate_up_proj``
+    (E, 2I, C), the gate's I rows then the up's, and ``down_proj`` (E, C, I) (transformers 5's layout)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        E, C, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C))
+        self.down_proj = nn.Parameter(torch.empty(E, C, I))
+
+    def extra_repr(self) -> str:
+        E, I2, C = self.gate_up_proj.shape
+        return f"experts={E}, hidden={C}, intermediate={I2 // 2}"
+
+
+class Routing(NamedTuple):
+    """What one MoE layer's router did over its N tokens, for the load-balancing loss: the sum over
+    the tokens of the softmax over all E experts (``prob_sum`` (E,) fp32, differentiable) and how
+    many of the N x k (token, slot) assignments each expert received (``counts`` (E,) int64)."""
+    prob_sum: torch.Tensor
+    counts: torch.Tensor
+
+
+class MoE(nn.Module):
+    """Sparse Mixture of Experts: the router (``gate``) scores the E experts for each token, the top k
+    (softmax over all E in fp32, renormalised over the k if ``norm_topk_prob``) run, and the output
+    is their weighted sum. No shared expert."""
+
+    def __init__(self, config: Config, kernels=ops.reference):
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = Experts(config)
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.ops = kernels
+
+    def forward(self, x: torch.Tensor, routing: list | None = None) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)                                           # every token on its own: (N, C)
+        logits = self.gate(x)                                            # (N, E) in the activations' dtype
+        weights, expert_ids = self.ops.moe_route(logits, self.top_k, self.norm_topk_prob)  # (N, k) each
+        out = self.ops.moe_experts(x, expert_ids, weights, self.experts.gate_up_proj, self.experts.down_proj)
+        if routing is not None:  # the load-balancing loss's inputs, asked for by the model's forward
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)   # the raw logits, softmaxed once
+            ids = expert_ids.flatten()
+            counts = torch.zeros(logits.shape[1], dtype=torch.int64, device=ids.device)
+            routing.append(Routing(probs.sum(dim=0), counts.scatter_add_(0, ids, torch.ones_like(ids))))
+        return out.view(B, T, C)
+
+
+class RouterStats(NamedTuple):
+    """The routing of one forward over all MoE layers (``QWEN.forward(..., return_aux=True)``).
+
+    ``aux_loss``: transformers' ``load_balancing_loss_func`` (Switch Transformer): with f_e the share of
+    the N x k assignments of every MoE layer together that went to expert e, and P_e its mean router
+    probability over the same tokens and layers, ``E * sum_e f_e * P_e`` (1.0 for a perfectly even
+    router; k for one that sends every token to the same k experts). A () fp32 tensor carrying the
+    gradient to the routers. Every token of ``input_ids`` counts (there is no padding: packed
+    sequences are padding-free; labels of -100 do not mask it, as in transformers).
+
+    ``tokens_per_expert``: (moe_layers, E) int64, how many tokens each layer sent to each expert."""
+    aux_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+
+    def expert_load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(largest, smallest) share of a layer's tokens that one expert received; see ``expert_load``."""
+        return expert_load(self.tokens_per_expert)
+
+
+def expert_load(tokens_per_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest and the smallest share of its layer's N x k routed (token, slot) assignments that an
+    expert received, over every expert of every MoE layer, from (moe_layers, E) counts (sum them over
+    micro-batches or ranks first). Both are 1/E when the routing is even; the largest is at most 1/k
+    (every token chose that expert) and the smallest 0 for an idle expert. Two () fp32 tensors."""
+    counts = tokens_per_expert.to(torch.float32)
+    share = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)       # (layers, E), each row sums to 1
+    return share.max(), share.min()
+
+
+def load_balancing_loss(routing: list[Routing], top_k: int) -> torch.Tensor:
+    """transformers' ``load_balancing_loss_func`` over the layers' ``Routing``: the assignment shares
+    and mean probabilities are taken over all layers' tokens together (sums over the layers, divided
+    by layers x tokens), then ``E * sum_e f_e * P_e`` with f_e the per-token count (k per token)."""
+    prob_sum, counts = routing[0].prob_sum, routing[0].counts.to(torch.float32)
+    for r in routing[1:]:
+        prob_sum, counts = prob_sum + r.prob_sum, counts + r.counts.to(torch.float32)
+    rows = counts.sum() / top_k                                          # layers x tokens
+    return (counts / rows * (prob_sum / rows)).sum() * prob_sum.shape[0]
+
+
 class GQA(nn.Module):
     """Causal grouped-query attention with per-head RMSNorm of q and k before RoPE."""
 
@@ -146,25 +237,28 @@ class GQA(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``. Each residual add
     is fused into the norm that follows it, so a block hands the next one its FFN output and the
-    residual stream separately: ``(ffn_out, x)``, and the next block's first norm adds them."""
+    residual stream separately: ``(ffn_out, x)``, and the next block's first norm adds them. The FFN
+    is a Mixture of Experts in the MoE layers (``config.is_moe_layer``); an MoE block appends its
+    router's ``Routing`` to ``routing`` when given one."""
 
     def __init__(self, config: Config, layer: int = 0, kernels=ops.reference):
         super().__init__()
         self.attn_norm = RMSNORM(config.hidden_size, config.rms_norm_eps, kernels)
         self.attn = GQA(config, layer, kernels)
         self.ffn_norm = RMSNORM(config.hidden_size, config.rms_norm_eps, kernels)
-        self.ffn = FFN(config, kernels)
+        self.sparse = config.is_moe_layer(layer)
+        self.ffn = MoE(config, kernels) if self.sparse else FFN(config, kernels)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                attend: Attend = Attend()) -> tuple[torch.Tensor, torch.Tensor]:
+                attend: Attend = Attend(), routing: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:  # the first block: x is the embedding, the stream starts here
             h, residual = self.attn_norm(x), x
         else:
             h, residual = self.attn_norm(x, residual=residual)  # residual += x; h = norm(residual)
         attn_out = self.attn(h, cos, sin, cache, positions, attend)
         h, residual = self.ffn_norm(attn_out, residual=residual)
-        return self.ffn(h), residual
+        return (self.ffn(h, routing) if self.sparse else self.ffn(h)), residual
 
 
 class LMHead(nn.Linear):
@@ -219,7 +313,8 @@ class QWEN(nn.Module):
         for block in self.blocks:
             attn, ffn = block.attn, block.ffn
             ops.pack_parameters([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-            ops.pack_parameters([ffn.gate_proj.weight, ffn.up_proj.weight])
+            if not block.sparse:  # the experts' gate and up are stacked in one parameter already
+                ops.pack_parameters([ffn.gate_proj.weight, ffn.up_proj.weight])
         return self
 
     def reset_parameters(self) -> "QWEN":
@@ -237,12 +332,16 @@ class QWEN(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, Experts):  # stacked Linear weights: initialised as the Linears are
+            nn.init.normal_(module.gate_up_proj, mean=0.0, std=0.02)
+            nn.init.normal_(module.down_proj, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
                 labels: torch.Tensor | None = None, num_items_in_batch=None, position_ids: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                output_router_logits: bool | None = None, return_aux: bool = False):
         """Logits (B, T, vocab) for token ids (B, T); (B, 1, vocab) with ``last_only``. With a
         ``cache``, the tokens continue each cached sequence: they are written at positions
         ``cache.lens`` onward and attend to everything before them.
@@ -261,18 +360,38 @@ class QWEN(nn.Module):
         alone. Instead of position_ids, packed examples can be given as ``cu_seqlens`` ((n + 1,) int32
         prefix sums of the example lengths in the one row) and ``max_seqlen``, which avoids reading
         them from the device. The model's context (``max_position_embeddings``) limits each example,
-        not the row that packs them."""
+        not the row that packs them.
+
+        Qwen3-MoE: with ``labels`` and ``output_router_logits`` (default ``config.output_router_logits``,
+        false in the released files), the loss is ``lm_loss + config.router_aux_loss_coef * aux_loss``,
+        the load-balancing loss of all MoE layers (``RouterStats``), as transformers'
+        ``Qwen3MoeForCausalLM`` adds it. ``return_aux=True`` returns ``(logits or loss, RouterStats)``
+        instead: that aux loss (added to the loss or not) and the tokens each layer sent to each expert,
+        for logging (``RouterStats.expert_load()``)."""
         checking = not torch.compiler.is_compiling()
+        sparse = any(block.sparse for block in self.blocks)
         if checking:
             self._check_input(input_ids, cache, position_ids, cu_seqlens)
             if labels is not None:
                 self._check_labels(input_ids, labels, cache, last_only)
+            self._check_router_outputs(output_router_logits, return_aux, sparse)
         positions, attend = position_ids, Attend()
         if cu_seqlens is not None or position_ids is not None:
             positions, attend = self._sequences(input_ids, position_ids, cu_seqlens, max_seqlen)
             if checking:
                 self._check_context(input_ids, position_ids, attend)
-        return self._forward(input_ids, cache, last_only, labels, num_items_in_batch, positions, attend)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        add_aux = sparse and labels is not None and output_router_logits
+        routing = [] if add_aux or return_aux else None
+        out = self._forward(input_ids, cache, last_only, labels, num_items_in_batch, positions, attend, routing)
+        if routing is None:
+            return out
+        stats = RouterStats(load_balancing_loss(routing, self.config.num_experts_per_tok),
+                            torch.stack([r.counts for r in routing]))  # (moe_layers, E)
+        if add_aux:
+            out = out + self.config.router_aux_loss_coef * stats.aux_loss
+        return (out, stats) if return_aux else out
 
     def _sequences(self, input_ids, position_ids, cu_seqlens, max_seqlen) -> tuple[torch.Tensor, Attend]:
         """(positions, Attend) for position_ids or cu_seqlens: where each sequence starts, and each
@@ -299,7 +418,7 @@ class QWEN(nn.Module):
 
     def _forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                  labels: torch.Tensor | None = None, num_items_in_batch=None, positions: torch.Tensor | None = None,
-                 attend: Attend = Attend()):
+                 attend: Attend = Attend(), routing: list | None = None):
         B, T = input_ids.shape
         x = self.embeddings(input_ids)                                   # (B, T, C)
         if positions is None:
@@ -310,7 +429,7 @@ class QWEN(nn.Module):
             attend = Attend(kv_lens=cache.lens + T)                      # (B,) once these tokens are in
         residual = None
         for block in self.blocks:
-            x, residual = block(x, residual, cos, sin, cache, positions, attend)
+            x, residual = block(x, residual, cos, sin, cache, positions, attend, routing)
         if cache is not None:
             cache.lens.copy_(attend.kv_lens)
         if last_only:
@@ -418,6 +537,16 @@ class QWEN(nn.Module):
         if cache is not None or last_only:
             raise ValueError("labels compute the training loss over every position: they cannot be combined "
                              "with a KV cache or last_only")
+
+    @staticmethod
+    def _check_router_outputs(output_router_logits, return_aux, sparse: bool) -> None:
+        if output_router_logits is not None and not isinstance(output_router_logits, bool):
+            raise TypeError(f"output_router_logits must be True, False or None, got {output_router_logits!r}")
+        if not isinstance(return_aux, bool):
+            raise TypeError(f"return_aux must be True or False, got {return_aux!r}")
+        if return_aux and not sparse:
+            raise ValueError("return_aux=True: this model has no Mixture-of-Experts layer (config.num_experts is 0 "
+                             "or every layer is in config.mlp_only_layers), so there is no routing to report")
 
     def _warn_fallbacks(self, device: torch.device, dtype: torch.dtype) -> None:
         if (device, dtype) in self._warned_devices:

@@ -134,7 +134,7 @@ def test_published_spelling_round_trips_and_builds_transformers_twin(tmp_path, s
     (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope type 'linear' is not supported"),
     (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope type 'dynamic' is not supported"),
     (dict(use_sliding_window=True), "use_sliding_window=true is not supported"),
-    (dict(model_type="qwen3_moe"), "model_type 'qwen3_moe' is not a dense Qwen3"),
+    (dict(model_type="qwen2_moe"), "model_type 'qwen2_moe' is not a Qwen3"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     (dict(num_key_value_heads=5), r"num_heads \(16\) must be a multiple of Config.num_kv_heads \(5\)"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
