@@ -19,7 +19,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$PINS" ]; then
   echo "$PINS" > "$STAMP"
 fi
 # Test-only packages, added to a built venv without rebuilding it (the torch download is the slow part).
-EXTRAS='peft==0.21.2 accelerate==1.15.0'
+EXTRAS='peft==0.21.2 accelerate==1.15.0 datasets==5.2.0 matplotlib==3.11.2 tensorboard==2.21.0 tqdm==4.70.1'
 EXTRAS_STAMP="$VENV/.extras"
 if [ ! -f "$EXTRAS_STAMP" ] || [ "$(cat "$EXTRAS_STAMP")" != "$EXTRAS" ]; then
   # shellcheck disable=SC2086

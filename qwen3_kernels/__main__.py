@@ -144,14 +144,24 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", required=True, help="Hugging Face Qwen3 checkpoint to start from")
     p.add_argument("--data", metavar="FILE", required=True,
                    help='JSONL: {"messages": [...]} (trained on assistant replies) or {"text": "..."} per line')
+    p.add_argument("--eval-data", metavar="FILE", default=None,
+                   help="held-out examples (as --data): metrics.jsonl gets their loss, eval_loss (default: no eval)")
+    p.add_argument("--eval-every", type=_positive_int, default=None,
+                   help="steps between evaluations (default: at every --save-every checkpoint and at the end)")
     p.add_argument("--out", metavar="DIR", required=True, help="metrics, checkpoints and the fine-tuned model")
-    p.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, default=None,
+                        help="optimizer steps; without it, 100 or what --epochs amounts to")
+    length.add_argument("--epochs", type=_positive_float, default=None,
+                        help="passes over the data, as an alternative to --steps (a fraction counts its share)")
     p.add_argument("--tokens-per-step", type=_positive_int, default=65536,
                    help="tokens per optimizer step, over all ranks and micro-batches")
     p.add_argument("--micro-batch-tokens", type=_positive_int, default=None,
                    help="tokens per forward (default: --tokens-per-step over the ranks); smaller accumulates")
     p.add_argument("--lr", type=_positive_float, default=1e-5, help="peak learning rate (AdamW)")
-    p.add_argument("--warmup", type=_non_negative_int, default=0, help="steps of linear warmup before the cosine decay")
+    p.add_argument("--warmup", type=_non_negative_int, default=0, help="steps of linear warmup before the schedule")
+    p.add_argument("--lr-scheduler", choices=("cosine", "linear", "constant"), default="cosine",
+                   help="after warmup: cosine or linear decay to 0 at the last step, or constant")
     p.add_argument("--max-grad-norm", type=_non_negative_float, default=1.0,
                    help="clip the gradient norm to this; 0 does not clip")
     p.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW's decoupled weight decay")
@@ -165,6 +175,11 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument("--save-every", type=_positive_int, default=None,
                    help="steps between resumable checkpoints (default: one at the end and on Ctrl-C only)")
+    p.add_argument("--save-total-limit", type=_positive_int, default=None,
+                   help="keep only the newest K checkpoints in --out/checkpoints (default: keep all)")
+    p.add_argument("--report-to", default="none",
+                   help="where else the metrics go: none, tensorboard, wandb (comma-separated; WANDB_MODE=offline "
+                        "works without a network)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that holds another run's outputs, deleting them")
@@ -195,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             return run(args)
         return _demo(args)
     except (FileNotFoundError, FileExistsError, PermissionError, ValueError, KeyError, TypeError, RuntimeError,
-            MemoryError) as e:
+            ImportError, MemoryError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
         return 1

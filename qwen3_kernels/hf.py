@@ -339,7 +339,8 @@ def _logits_and_loss(self, hidden, labels, logits_to_keep, skip_logits, kwargs):
     if skip_logits is None:
         skip_logits = self.training and has_labels
     if skip_logits and not has_labels:
-        raise ValueError("skip_logits=True needs labels (or shift_labels): without logits there is nothing else to return")
+        raise ValueError("skip_logits=True needs labels (or shift_labels): without logits there is nothing else to "
+                         "return")
     head = self.lm_head
     fits = type(head) is torch.nn.Linear and head.bias is None and head.weight.dtype == hidden.dtype
     if skip_logits and fits:

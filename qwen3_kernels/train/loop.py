@@ -1,185 +1,36 @@
-"""``qwen3-kernels train``: fine-tune a Qwen3 checkpoint on JSONL data with FSDP2.
-
-One process runs it as is; ``torchrun --nproc_per_node N -m qwen3_kernels train ...`` runs it
-data-parallel with the weights, gradients and optimizer state sharded (``fully_shard``: one group per
-block, and the tied embedding + final norm + LM head together in the root group, since a tied
-parameter cannot sit in two groups). NCCL on GPUs, gloo on CPUs.
-
-- The model is built on the meta device, sharded, materialised, and filled from the checkpoint read
-  on rank 0 only (broadcast shard by shard). Weights and optimizer state stay fp32; ``--dtype``
-  (default bf16 on GPUs) is the compute dtype, and gradients are reduced in fp32.
-- Each step sees ``--tokens-per-step`` tokens in micro-batches of ``--micro-batch-tokens``: examples
-  packed padding-free (``qwen3_kernels.data.pack_examples``), shuffled per epoch from ``--seed``, the
-  micro-batches of a step dealt out to the ranks. The loss is the fused linear cross-entropy, summed
-  and divided by the number of counted tokens in the whole step (all micro-batches, all ranks), so
-  the gradient does not depend on how the step is split.
-- AdamW, linear warmup then cosine decay to 0, gradient clipping at ``--max-grad-norm``.
-- In ``--out``: ``metrics.jsonl`` (one line per step), ``loss.png``, ``checkpoints/step_N``
-  (``torch.distributed.checkpoint``, every ``--save-every`` steps, on Ctrl-C and at the end), from
-  which ``--resume`` continues exactly; and at the end the fine-tuned model in transformers' format
-  (config.json, safetensors sharded above 5 GB, tokenizer and generation files copied).
-"""
+"""The training loop: the FSDP2 model, the packed micro-batches dealt to the ranks, the optimizer
+step, checkpoints and the exported model."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from . import ops
-from .config import Config, rope_frequencies
-from .data import pack_examples, read_jsonl
-from .model import IGNORE_INDEX, QWEN
+from .. import ops
+from ..config import Config, rope_frequencies
+from ..data import pack_examples, read_jsonl
+from ..model import IGNORE_INDEX, QWEN
+from .export import save_hf_checkpoint
+from .launch import _RUN_FILE, _RUN_OUTPUTS, _same_on_every_rank, run_identity
+from .report import Progress, Reporters, parse_report_to, plot_loss
 
 _COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                  "added_tokens.json", "generation_config.json", "chat_template.jinja")
-MAX_SHARD_BYTES = 5 * 2**30
 # bf16 dense tensor-core peaks (FLOP/s) for the MFU column, by device name
 _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
-def run(args: argparse.Namespace) -> int:
-    """The whole run, on every rank. Returns the exit code (130 after Ctrl-C)."""
-    try:
-        with _same_on_every_rank():
-            _check_paths(args)
-        rank, world, device = _init_distributed(args.device)
-        try:
-            return Trainer(args, rank, world, device).train()
-        finally:
-            dist.destroy_process_group()
-    except _ReportedByLocalRank0:
-        return 1  # its error is printed by local rank 0
-
-
-class _ReportedByLocalRank0(Exception):
-    """A fault every rank of a machine found alike, which its first rank reports for all of them."""
-
-
-@contextlib.contextmanager
-def _same_on_every_rank(*errors: type[Exception]):
-    """For checks every rank makes on the same arguments and files (and for faults the ranks agree on,
-    such as a non-finite loss): under torchrun each rank would print the same error; only each
-    machine's first rank does (the files are the machine's). Faults a rank may meet alone, such as
-    running out of memory, are still reported by that rank."""
-    try:
-        yield
-    except errors or (OSError, ValueError, KeyError):
-        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-            raise _ReportedByLocalRank0() from None
-        raise
-
-
-def _check_paths(args) -> None:
-    """What would fail late, checked before anything is loaded."""
-    if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"--model {args.model!r}: no such checkpoint directory")
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise FileNotFoundError(f"--model {args.model!r}: no config.json in it")
-    if os.path.isdir(args.data):
-        raise FileNotFoundError(f"--data {args.data!r} is a directory, not a JSONL file")
-    if not os.path.isfile(args.data):
-        raise FileNotFoundError(f"--data {args.data!r}: no such file")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise PermissionError(f"--out {args.out!r}: cannot write there ({e.strerror or e})") from None
-    _check_run(args)
-
-
-# What makes two runs the same run: a checkpoint continues only the run that wrote it.
-_RUN_FILE = "run.json"
-_RUN_ARGUMENTS = ("tokens_per_step", "micro_batch_tokens", "lr", "warmup", "max_grad_norm", "weight_decay", "seed",
-                  "dtype")
-_RUN_OUTPUTS = (_RUN_FILE, "metrics.jsonl", "checkpoints", "loss.png")
-
-
-def run_identity(args) -> dict:
-    """The model (its directory and config.json), the data (its path and content) and the arguments
-    that shape the training, as a dict that ``--resume`` compares with the run's ``run.json``."""
-    def digest(path):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-    identity = {"model": os.path.abspath(args.model),
-                "model config.json sha256": digest(os.path.join(args.model, "config.json")),
-                "data": os.path.abspath(args.data), "data sha256": digest(args.data)}
-    identity.update({f"--{name.replace('_', '-')}": getattr(args, name) for name in _RUN_ARGUMENTS})
-    # the values the defaults stand for, so spelling a default out does not make another run
-    identity["--micro-batch-tokens"] = args.micro_batch_tokens or args.tokens_per_step // _world_size()
-    identity["--dtype"] = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    return identity
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the process group does not exist yet
-
-
-def _check_run(args) -> None:
-    """A new run refuses an --out that holds another run's outputs (unless --overwrite); --resume
-    refuses a run whose model, data or training arguments differ from these."""
-    held = [name for name in _RUN_OUTPUTS if os.path.exists(os.path.join(args.out, name))]
-    if not args.resume:
-        if held and not args.overwrite:
-            raise FileExistsError(f"--out {args.out!r} already holds a run ({', '.join(held)}): --resume continues "
-                                  "it, --overwrite starts a new one there, or choose another --out")
-        return
-    if not held:
-        raise FileNotFoundError(f"--resume: {args.out!r} holds no run to continue")
-    try:
-        with open(os.path.join(args.out, _RUN_FILE)) as f:
-            before = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--resume: {args.out!r} has no {_RUN_FILE}, so nothing says what it holds was "
-                                f"trained with (--overwrite starts a new run there)") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--resume: {os.path.join(args.out, _RUN_FILE)!r} is unreadable ({e})") from None
-    now = run_identity(args)
-    changed = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in now.items() if before.get(key) != value]
-    if changed:
-        raise ValueError(f"--resume: the run in {args.out!r} was trained otherwise: {'; '.join(changed)} "
-                         "(--resume continues the same run; --overwrite starts a new one)")
-
-
-def _init_distributed(device_type: str) -> tuple[int, int, torch.device]:
-    """torchrun's process group, or a one-process group of our own, so one code path serves both."""
-    standalone = {}
-    if "RANK" not in os.environ:  # not under torchrun
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            standalone = dict(init_method=f"tcp://127.0.0.1:{s.getsockname()[1]}", rank=0, world_size=1)
-    if device_type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda, but this torch sees no CUDA device")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, **standalone)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", **standalone)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 class Trainer:
     def __init__(self, args, rank: int, world: int, device: torch.device):
-        from .tokenizer import Tokenizer
+        from ..tokenizer import Tokenizer
 
         self.args, self.rank, self.world, self.device = args, rank, world, device
         self.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda"
@@ -196,8 +47,13 @@ class Trainer:
             # may exceed (65,536 tokens against every published Qwen3's 40,960), and to the micro-batch.
             self.max_example_tokens = min(micro, self.config.max_position_embeddings)
             self.examples = read_jsonl(args.data, self.tokenizer, max_len=self.max_example_tokens)
+            self.eval_examples = read_jsonl(args.eval_data, self.tokenizer, max_len=self.max_example_tokens) \
+                if args.eval_data else None
+        self.steps = args.steps or (steps_for_epochs(self.examples, self.micro_tokens, args.seed, args.epochs,
+                                                     self.micro_per_rank * world) if args.epochs else 100)
         self.model = self._build_model()
         self.n_params = sum(p.numel() for p in self.model.parameters())  # for MFU
+        self.n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                            weight_decay=args.weight_decay, foreach=True)
         self.checkpoints = os.path.join(args.out, "checkpoints")
@@ -249,8 +105,7 @@ class Trainer:
         in that order."""
         epoch = 0
         while True:
-            g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(self.examples.tokens), generator=g).tolist()
+            order = epoch_order(len(self.examples.tokens), self.args.seed, epoch)
             yield from pack_examples((self.examples.tokens[i] for i in order), self.micro_tokens,
                                      labels=(self.examples.labels[i] for i in order))
             epoch += 1
@@ -258,11 +113,16 @@ class Trainer:
     # --- training ------------------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
-        """Linear warmup over ``--warmup`` steps, then cosine decay to 0 at ``--steps`` (1-based steps)."""
-        warmup, total = self.args.warmup, self.args.steps
+        """Linear warmup over ``--warmup`` steps, then ``--lr-scheduler``: cosine decay to 0 at the last
+        step, linear decay to 0, or constant (1-based steps)."""
+        warmup, total = self.args.warmup, self.steps
         if step <= warmup:
             return self.args.lr * step / max(warmup, 1)
         progress = (step - warmup - 1) / max(total - warmup, 1)
+        if self.args.lr_scheduler == "constant":
+            return self.args.lr
+        if self.args.lr_scheduler == "linear":
+            return self.args.lr * (1.0 - progress)
         return self.args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def train_step(self, step: int) -> dict:
@@ -331,36 +191,50 @@ class Trainer:
                      else f"a {self.max_example_tokens}-token micro-batch")
             print(f"note: {self.examples.truncated} of {len(self.examples.tokens)} examples were longer than {limit} "
                   "and were cut to it", file=sys.stderr)
+        if self.rank == 0:
+            print(self.summary(), file=sys.stderr)
+        reporters = Reporters(parse_report_to(args.report_to), args.out, run_identity(args)) if self.rank == 0 \
+            else None
         started, first = time.perf_counter(), self.step + 1
+        progress = Progress(self.steps, first) if self.rank == 0 else None
         try:
             ops.sync_tuning()  # every rank runs rank 0's cached kernel choices ...
-            for step in range(self.step + 1, args.steps + 1):
+            for step in range(self.step + 1, self.steps + 1):
                 metrics = self.train_step(step)
                 if step == first:
                     ops.sync_tuning()  # ... and those rank 0 tuned in the first step
+                saving = bool(args.save_every and step % args.save_every == 0 and step < self.steps)
+                if self.eval_examples is not None and (step == self.steps or (
+                        step % args.eval_every == 0 if args.eval_every else saving)):
+                    metrics["eval_loss"], metrics["eval_tokens"] = self.evaluate()
                 if self.rank == 0:
                     with open(self.metrics_file, "a") as f:
                         f.write(json.dumps(metrics) + "\n")
-                    _progress(metrics, args.steps, (time.perf_counter() - started) / (step - first + 1))
-                if args.save_every and step % args.save_every == 0 and step < args.steps:
+                    reporters.log(metrics)
+                    progress.update(metrics, (time.perf_counter() - started) / (step - first + 1))
+                if saving:
                     self.save_checkpoint()
         except KeyboardInterrupt:
             if self.rank == 0:
+                progress.close()
                 print(f"\ninterrupted: saving a checkpoint at step {self.step} (resume with --resume)",
                       file=sys.stderr)
             self.save_checkpoint()
             return 130
         except NonFiniteStep as e:
-            if self.rank == 0 and sys.stderr.isatty():
-                print(file=sys.stderr)  # the error goes below the redrawn progress line, not onto it
+            if self.rank == 0:
+                progress.close()  # the error goes below the progress bar, not onto it
             # The weights are still those of the last good step: keep them as a checkpoint, write no model.
             if self.step and not os.path.isdir(self._checkpoint_dir(self.step)):
                 self.save_checkpoint()
             kept = f"the last good state is {self._checkpoint_dir(self.step)}" if self.step else "nothing was saved"
             with _same_on_every_rank(RuntimeError):  # every rank stops at the step whose sums are not finite
                 raise RuntimeError(f"{e}; stopped before updating the weights, {kept}") from None
-        if self.rank == 0 and sys.stderr.isatty():
-            print(file=sys.stderr)  # ends the redrawn progress line
+        finally:
+            if reporters is not None:
+                reporters.close()
+        if self.rank == 0:
+            progress.close()
         self.save_checkpoint()
         self.save_pretrained(args.out)
         if self.rank == 0:
@@ -370,6 +244,44 @@ class Trainer:
         # seen to abort at exit (torch 2.11, 'terminate called without an active exception').
         dist.barrier()
         return 0
+
+    def summary(self) -> str:
+        """One line at the start: the data, what the steps amount to, the parameters trained."""
+        first_epoch = count_micro_batches(self.examples, self.micro_tokens, self.args.seed, 0)
+        epochs = self.steps * self.micro_per_rank * self.world / max(first_epoch, 1)
+        tokens = sum(len(t) for t in self.examples.tokens)
+        trained = sum(sum(1 for label in labels[1:] if label != IGNORE_INDEX) for labels in self.examples.labels)
+        line = (f"training: {len(self.examples.tokens):,} examples, {tokens:,} tokens ({trained:,} trained on); "
+                f"{self.steps:,} steps of {self.args.tokens_per_step:,} tokens = {epochs:.2f} epochs; "
+                f"{self.n_trainable:,} of {self.n_params:,} parameters trained")
+        if self.eval_examples is not None:
+            line += f"; eval: {len(self.eval_examples.tokens):,} examples"
+        return line
+
+    # --- evaluation ----------------------------------------------------------------------------------
+
+    def evaluate(self) -> tuple[float, int]:
+        """The eval set's loss: the sum over its trained tokens divided by their count (a token-weighted
+        mean over the whole set, whatever the number of ranks), and that count. The eval examples,
+        in file order, are packed into micro-batches dealt round-robin over the ranks; a rank with
+        fewer batches runs a forward with nothing counted, since FSDP gathers parameters with every
+        forward on every rank."""
+        batches = list(pack_examples(self.eval_examples.tokens, self.micro_tokens, labels=self.eval_examples.labels))
+        rounds = -(-len(batches) // self.world)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        counted = torch.zeros((), dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for i in range(rounds):
+                index = i * self.world + self.rank
+                b = batches[index if index < len(batches) else 0].to(self.device)
+                labels = b.labels if index < len(batches) else torch.full_like(b.labels, IGNORE_INDEX)
+                loss_sum = self.model(b.input_ids, labels=labels, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen,
+                                      num_items_in_batch=1)  # the sum over the batch's counted tokens
+                total += loss_sum.double()
+                counted += (labels[:, 1:] != IGNORE_INDEX).sum()
+        dist.all_reduce(total)
+        dist.all_reduce(counted)
+        return (total / counted.clamp(min=1)).item(), int(counted.item())
 
     # --- checkpoints ---------------------------------------------------------------------------------
 
@@ -383,8 +295,15 @@ class Trainer:
         return os.path.join(self.checkpoints, f"step_{step:07d}")
 
     def save_checkpoint(self) -> None:
+        """A resumable checkpoint of this step; with ``--save-total-limit K``, the older ones beyond the
+        newest K are removed once this one is complete on every rank."""
         import torch.distributed.checkpoint as dcp
         dcp.save(self._state(), checkpoint_id=self._checkpoint_dir(self.step))
+        dist.barrier()
+        if self.rank == 0 and self.args.save_total_limit:
+            for old in sorted(d for d in os.listdir(self.checkpoints) if d.startswith("step_"))[
+                    :-self.args.save_total_limit]:
+                shutil.rmtree(os.path.join(self.checkpoints, old))
         dist.barrier()
 
     def load_checkpoint(self) -> None:
@@ -429,105 +348,34 @@ class Trainer:
         dist.barrier()
 
 
-def save_hf_checkpoint(state: dict[str, torch.Tensor], config: Config, out: str, dtype: torch.dtype,
-                       keep: dict | None = None) -> None:
-    """Our state dict written as a transformers Qwen3 checkpoint in ``dtype``. Its config.json spells
-    the model both as the published checkpoints do (which transformers 4 reads) and as transformers 5
-    writes it; the keys of ``keep`` (the input checkpoint's config.json) that the model does not define,
-    such as its token ids, are kept."""
-    from safetensors.torch import save_file
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the ``n`` examples in ``epoch``, drawn from the run's seed."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
-    from .loading import local_to_hf
-    tensors = {local_to_hf(name): t.detach().to("cpu", dtype).contiguous() for name, t in state.items()
-               if not (config.tie_word_embeddings and name == "lm_head.weight")}
-    shards, size = [{}], 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-    with open(os.path.join(out, "config.json"), "w") as f:
-        name = str(dtype).removeprefix("torch.")
-        json.dump({**(keep or {}), **config.to_published_hf_dict(), "dtype": name, "torch_dtype": name}, f,
-                  indent=2)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out, file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+def count_micro_batches(examples, micro_tokens: int, seed: int, epoch: int) -> int:
+    """How many micro-batches ``pack_examples`` makes of ``epoch`` (from the lengths alone)."""
+    count, used = 0, 0
+    for i in epoch_order(len(examples.tokens), seed, epoch):
+        n = len(examples.tokens[i])
+        if not n:
+            continue
+        if not count or used + n > micro_tokens:
+            count, used = count + 1, 0
+        used += n
+    return count
+
+
+def steps_for_epochs(examples, micro_tokens: int, seed: int, epochs: float, per_step: int) -> int:
+    """``--epochs``: the optimizer steps (``per_step`` micro-batches each) that cover ``epochs``
+    passes over the data, the last step completed (a fraction of an epoch counts its micro-batches)."""
+    whole, fraction = int(epochs), epochs - int(epochs)
+    batches = sum(count_micro_batches(examples, micro_tokens, seed, e) for e in range(whole))
+    if fraction:
+        batches += math.ceil(fraction * count_micro_batches(examples, micro_tokens, seed, whole))
+    return max(1, -(-batches // per_step))
 
 
 class NonFiniteStep(Exception):
     def __init__(self, step: int, loss: float, grad_norm: float):
         super().__init__(f"step {step}: the loss is {loss:.6g} and the gradient norm {grad_norm:.6g}")
-
-
-def _progress(metrics: dict, steps: int, seconds_per_step: float) -> None:
-    """One line per step: redrawn in place on a terminal, a line of its own in a redirected log."""
-    eta = int(seconds_per_step * (steps - metrics["step"]))
-    line = (f"step {metrics['step']}/{steps}  loss {metrics['loss']:.4f}  {metrics['tokens_per_s']:,.0f} tok/s  "
-            f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
-    if sys.stderr.isatty():
-        print(f"\r{line}", end="", file=sys.stderr, flush=True)
-    else:
-        print(line, file=sys.stderr, flush=True)
-
-
-def plot_loss(metrics_file: str, png: str, width: int = 640, height: int = 360) -> None:
-    """The loss curve as a PNG (no plotting library needed): the loss per step, axes at the minimum."""
-    with open(metrics_file) as f:
-        losses = [loss for loss in (json.loads(line)["loss"] for line in f) if math.isfinite(loss)]
-    if not losses:
-        return
-    with contextlib.suppress(ImportError):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
-        ax.plot(range(1, len(losses) + 1), losses)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        fig.savefig(png)
-        plt.close(fig)
-        return
-    _write_line_png(losses, png, width, height)
-
-
-def _write_line_png(values: list[float], png: str, width: int, height: int) -> None:
-    import struct
-    import zlib
-    margin = 20
-    pixels = [[255] * width for _ in range(height)]
-    lo, hi = min(values), max(values)
-    span = (hi - lo) or 1.0
-    for x in range(margin, width - margin):
-        pixels[height - margin][x] = 0
-    for y in range(margin, height - margin + 1):
-        pixels[y][margin] = 0
-
-    def point(i, v):
-        x = margin + (i * (width - 2 * margin - 1)) // max(len(values) - 1, 1)
-        y = height - margin - 1 - int((v - lo) / span * (height - 2 * margin - 2))
-        return x, y
-
-    for (x0, y0), (x1, y1) in zip(map(point, range(len(values)), values),
-                                  list(map(point, range(len(values)), values))[1:] or [point(0, values[0])]):
-        steps = max(abs(x1 - x0), abs(y1 - y0), 1)
-        for t in range(steps + 1):
-            pixels[y0 + (y1 - y0) * t // steps][x0 + (x1 - x0) * t // steps] = 40
-    raw = b"".join(b"\x00" + bytes(row) for row in pixels)
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    with open(png, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
