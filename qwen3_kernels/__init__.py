@@ -6,6 +6,6 @@ from .model import (FFN, GQA, QWEN, RMSNORM, Block, Experts, KVCache, LMHead, Mo
                     expert_load, rotate)
 from .tokenizer import Tokenizer
 
-__all__ = ["QWEN", "Config", "PRESETS", "RMSNORM", "FFN", "MoE", "Experts", "RouterStats", "expert_load", "GQA", "Block",
-           "KVCache", "LMHead", "calculate_sin_cos", "rotate", "Tokenizer", "ops"]
+__all__ = ["QWEN", "Config", "PRESETS", "RMSNORM", "FFN", "MoE", "Experts", "RouterStats", "expert_load", "GQA",
+           "Block", "KVCache", "LMHead", "calculate_sin_cos", "rotate", "Tokenizer", "ops"]
 __version__ = "0.1.0"
