@@ -54,7 +54,8 @@ def test_train_step(benchmark, peak, checkpoint, tmp_path, provider):
                                   warmup=0, max_grad_norm=1.0, weight_decay=0.0, seed=0, dtype="bfloat16",
                                   device="cuda", fused=True, activation_checkpointing=False, save_every=None,
                                   resume=False, epochs=None, lr_scheduler="cosine", eval_data=None, eval_every=None,
-                                  save_total_limit=None, report_to="none")
+                                  save_total_limit=None, report_to="none",
+                                  router_aux_loss_coef=None)
         trainer = train.Trainer(args, *train._init_distributed("cuda"))
         trainer.micro_batches = lambda step: [batch]
         state = {"step": 0}

@@ -165,6 +165,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-grad-norm", type=_non_negative_float, default=1.0,
                    help="clip the gradient norm to this; 0 does not clip")
     p.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW's decoupled weight decay")
+    p.add_argument("--router-aux-loss-coef", type=_non_negative_float, default=None,
+                   help="Qwen3-MoE: weight of the load-balancing loss added to the training loss (on in training; "
+                        "default: the checkpoint's router_aux_loss_coef; 0 turns it off)")
     p.add_argument("--seed", type=_seed, default=0, help="data order")
     p.add_argument("--dtype", choices=sorted(_DTYPES),
                    help="compute dtype (default: bfloat16 on GPUs, float32 on CPUs)")

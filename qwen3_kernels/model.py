@@ -130,6 +130,18 @@ class Routing(NamedTuple):
     counts: torch.Tensor
 
 
+class RoutingLog:
+    """Each MoE layer's ``Routing`` in one forward, appended as the layers run. A plain object, not a
+    list: FSDP2 rebuilds the lists it finds in a module's inputs (to cast their tensors), and the
+    layers' appends would land in the copy."""
+
+    def __init__(self):
+        self.layers: list[Routing] = []
+
+    def append(self, routing: Routing) -> None:
+        self.layers.append(routing)
+
+
 class MoE(nn.Module):
     """Sparse Mixture of Experts: the router (``gate``) scores the E experts for each token, the top k
     (softmax over all E in fp32, renormalised over the k if ``norm_topk_prob``) run, and the output
@@ -142,7 +154,7 @@ class MoE(nn.Module):
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.ops = kernels
 
-    def forward(self, x: torch.Tensor, routing: list | None = None) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    def forward(self, x: torch.Tensor, routing: RoutingLog | None = None) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         B, T, C = x.shape
         x = x.reshape(B * T, C)                                           # every token on its own: (N, C)
         logits = self.gate(x)                                            # (N, E) in the activations' dtype
@@ -251,7 +263,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                attend: Attend = Attend(), routing: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                attend: Attend = Attend(), routing: RoutingLog | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:  # the first block: x is the embedding, the stream starts here
             h, residual = self.attn_norm(x), x
         else:
@@ -383,10 +395,11 @@ class QWEN(nn.Module):
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         add_aux = sparse and labels is not None and output_router_logits
-        routing = [] if add_aux or return_aux else None
-        out = self._forward(input_ids, cache, last_only, labels, num_items_in_batch, positions, attend, routing)
-        if routing is None:
+        log = RoutingLog() if add_aux or return_aux else None
+        out = self._forward(input_ids, cache, last_only, labels, num_items_in_batch, positions, attend, log)
+        if log is None:
             return out
+        routing = log.layers
         stats = RouterStats(load_balancing_loss(routing, self.config.num_experts_per_tok),
                             torch.stack([r.counts for r in routing]))  # (moe_layers, E)
         if add_aux:
@@ -418,7 +431,7 @@ class QWEN(nn.Module):
 
     def _forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                  labels: torch.Tensor | None = None, num_items_in_batch=None, positions: torch.Tensor | None = None,
-                 attend: Attend = Attend(), routing: list | None = None):
+                 attend: Attend = Attend(), routing: RoutingLog | None = None):
         B, T = input_ids.shape
         x = self.embeddings(input_ids)                                   # (B, T, C)
         if positions is None:

@@ -20,9 +20,13 @@ def save_hf_checkpoint(state: dict[str, torch.Tensor], config: Config, out: str,
     such as its token ids, are kept."""
     from safetensors.torch import save_file
 
-    from ..loading import local_to_hf
-    tensors = {local_to_hf(name): t.detach().to("cpu", dtype).contiguous() for name, t in state.items()
-               if not (config.tie_word_embeddings and name == "lm_head.weight")}
+    from ..loading import local_to_hf_tensors
+    # the published layout (MoE experts one tensor per expert and projection: views of the stacked
+    # parameters, copied out one by one since safetensors stores no shared memory)
+    tensors = {}
+    for name, t in local_to_hf_tensors(state, config):
+        t = t.detach().to("cpu", dtype).contiguous()
+        tensors[name] = t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
     shards, size = [{}], 0
     for name in sorted(tensors):
         nbytes = tensors[name].numel() * tensors[name].element_size()

@@ -60,7 +60,7 @@ def _check_paths(args) -> None:
 # What makes two runs the same run: a checkpoint continues only the run that wrote it.
 _RUN_FILE = "run.json"
 _RUN_ARGUMENTS = ("tokens_per_step", "micro_batch_tokens", "lr", "warmup", "lr_scheduler", "max_grad_norm",
-                  "weight_decay", "seed", "dtype")
+                  "weight_decay", "router_aux_loss_coef", "seed", "dtype")
 _RUN_OUTPUTS = (_RUN_FILE, "metrics.jsonl", "checkpoints", "loss.png", "tensorboard", "wandb")
 
 

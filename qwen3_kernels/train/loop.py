@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .. import ops
 from ..config import Config, rope_frequencies
 from ..data import pack_examples, read_jsonl
-from ..model import IGNORE_INDEX, QWEN
+from ..model import IGNORE_INDEX, QWEN, expert_load
 from .export import save_hf_checkpoint
 from .launch import _RUN_FILE, _RUN_OUTPUTS, _same_on_every_rank, run_identity
 from .report import Progress, Reporters, parse_report_to, plot_loss
@@ -49,6 +49,14 @@ class Trainer:
             self.examples = read_jsonl(args.data, self.tokenizer, max_len=self.max_example_tokens)
             self.eval_examples = read_jsonl(args.eval_data, self.tokenizer, max_len=self.max_example_tokens) \
                 if args.eval_data else None
+        self.moe = any(self.config.is_moe_layer(i) for i in range(self.config.num_layers))
+        with _same_on_every_rank():
+            if args.router_aux_loss_coef is not None and not self.moe:
+                raise ValueError(f"--router-aux-loss-coef: {args.model!r} is a dense Qwen3 (no Mixture-of-Experts "
+                                 "layer), so there is no load-balancing loss to weigh")
+        # the load-balancing loss is on in training (the released configs leave output_router_logits off)
+        self.aux_coef = (args.router_aux_loss_coef if args.router_aux_loss_coef is not None
+                         else self.config.router_aux_loss_coef) if self.moe else 0.0
         self.steps = args.steps or (steps_for_epochs(self.examples, self.micro_tokens, args.seed, args.epochs,
                                                      self.micro_per_rank * world) if args.epochs else 100)
         self.model = self._build_model()
@@ -134,13 +142,27 @@ class Trainer:
             counted += (b.labels[:, 1:] != IGNORE_INDEX).sum()
         dist.all_reduce(counted)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
+        aux_total = torch.zeros((), dtype=torch.float32, device=self.device)
+        expert_tokens = None
+        micro_batches = self.micro_per_rank * self.world
         for i, b in enumerate(batches):
             self.model.set_requires_gradient_sync(i == len(batches) - 1)
             loss = self.model(b.input_ids, labels=b.labels, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen,
-                              num_items_in_batch=counted.clamp(min=1))
+                              num_items_in_batch=counted.clamp(min=1), output_router_logits=False,
+                              return_aux=self.moe)
+            objective = loss
+            if self.moe:
+                # MoE: each micro-batch's load-balancing loss, weighed by the coefficient and averaged
+                # over the step's micro-batches (those of every rank), so the step's objective does not
+                # depend on how its micro-batches are dealt to the ranks
+                loss, stats = loss
+                objective = loss + self.aux_coef * stats.aux_loss / micro_batches
+                aux_total += stats.aux_loss.detach()
+                expert_tokens = stats.tokens_per_expert if expert_tokens is None \
+                    else expert_tokens + stats.tokens_per_expert
             # FSDP averages gradients over the ranks; the loss is already divided by the whole step's
             # count, so scale the average back to the sum (gloo has no pre-multiplied sum to ask for)
-            (loss * self.world).backward()
+            (objective * self.world).backward()
             total += loss.detach()
         # --max-grad-norm 0 means no clipping (as in transformers); the norm is still measured
         max_norm = self.args.max_grad_norm or math.inf
@@ -162,6 +184,12 @@ class Trainer:
         seconds = time.perf_counter() - start
         metrics = {"step": step, "loss": total.item(), "lr": lr, "grad_norm": grad_norm.item(),
                    "tokens": int(tokens.item()), "tokens_per_s": tokens.item() / seconds}
+        if self.moe:  # the step's mean load-balancing loss, and how unevenly its tokens were routed
+            dist.all_reduce(aux_total)
+            dist.all_reduce(expert_tokens)
+            largest, smallest = expert_load(expert_tokens)
+            metrics.update(aux_loss=aux_total.item() / micro_batches, expert_load_max=largest.item(),
+                           expert_load_min=smallest.item())
         if self.device.type == "cuda":
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
             peak = next((f for name, f in _PEAK_FLOPS.items() if name in torch.cuda.get_device_name(self.device)),
@@ -276,7 +304,7 @@ class Trainer:
                 b = batches[index if index < len(batches) else 0].to(self.device)
                 labels = b.labels if index < len(batches) else torch.full_like(b.labels, IGNORE_INDEX)
                 loss_sum = self.model(b.input_ids, labels=labels, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen,
-                                      num_items_in_batch=1)  # the sum over the batch's counted tokens
+                                      num_items_in_batch=1, output_router_logits=False)  # the sum of the LM loss
                 total += loss_sum.double()
                 counted += (labels[:, 1:] != IGNORE_INDEX).sum()
         dist.all_reduce(total)
