@@ -168,8 +168,8 @@ PUBLISHED_MOE = {
 SHARED_MOE = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
                   num_key_value_heads=4, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0,
                   rms_norm_eps=1e-06, torch_dtype="bfloat16", hidden_act="silu", attention_bias=False,
-                  attention_dropout=0.0,
-                  use_sliding_window=False, sliding_window=None, rope_scaling=None, tie_word_embeddings=False,
+                  attention_dropout=0.0, use_sliding_window=False, sliding_window=None, rope_scaling=None,
+                  tie_word_embeddings=False,
                   num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
                   mlp_only_layers=[], router_aux_loss_coef=0.001, output_router_logits=False, bos_token_id=151643,
                   eos_token_id=151645, initializer_range=0.02, use_cache=True)
