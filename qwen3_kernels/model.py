@@ -130,18 +130,6 @@ class Routing(NamedTuple):
     counts: torch.Tensor
 
 
-class RoutingLog:
-    """Each MoE layer's ``Routing`` in one forward, appended as the layers run. A plain object, not a
-    list: FSDP2 rebuilds the lists it finds in a module's inputs (to cast their tensors), and the
-    layers' appends would land in the copy."""
-
-    def __init__(self):
-        self.layers: list[Routing] = []
-
-    def append(self, routing: Routing) -> None:
-        self.layers.append(routing)
-
-
 class MoE(nn.Module):
     """Sparse Mixture of Experts: the router (``gate``) scores the E experts for each token, the top k
     (softmax over all E in fp32, renormalised over the k if ``norm_topk_prob``) run, and the output
@@ -154,18 +142,20 @@ class MoE(nn.Module):
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.ops = kernels
 
-    def forward(self, x: torch.Tensor, routing: RoutingLog | None = None) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    def forward(self, x: torch.Tensor, route: bool = False) -> tuple[torch.Tensor, Routing | None]:
+        """(B, T, C) -> (B, T, C), and with ``route`` this layer's ``Routing`` (else None)."""
         B, T, C = x.shape
         x = x.reshape(B * T, C)                                           # every token on its own: (N, C)
         logits = self.gate(x)                                            # (N, E) in the activations' dtype
         weights, expert_ids = self.ops.moe_route(logits, self.top_k, self.norm_topk_prob)  # (N, k) each
         out = self.ops.moe_experts(x, expert_ids, weights, self.experts.gate_up_proj, self.experts.down_proj)
-        if routing is not None:  # the load-balancing loss's inputs, asked for by the model's forward
+        routing = None
+        if route:  # the load-balancing loss's inputs, asked for by the model's forward
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)   # the raw logits, softmaxed once
             ids = expert_ids.flatten()
             counts = torch.zeros(logits.shape[1], dtype=torch.int64, device=ids.device)
-            routing.append(Routing(probs.sum(dim=0), counts.scatter_add_(0, ids, torch.ones_like(ids))))
-        return out.view(B, T, C)
+            routing = Routing(probs.sum(dim=0), counts.scatter_add_(0, ids, torch.ones_like(ids)))
+        return out.view(B, T, C), routing
 
 
 class RouterStats(NamedTuple):
@@ -249,9 +239,11 @@ class GQA(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``. Each residual add
     is fused into the norm that follows it, so a block hands the next one its FFN output and the
-    residual stream separately: ``(ffn_out, x)``, and the next block's first norm adds them. The FFN
-    is a Mixture of Experts in the MoE layers (``config.is_moe_layer``); an MoE block appends its
-    router's ``Routing`` to ``routing`` when given one."""
+    residual stream separately: ``(ffn_out, x, routing)``, and the next block's first norm adds them.
+    The FFN is a Mixture of Experts in the MoE layers (``config.is_moe_layer``); asked to ``route``, an
+    MoE block also returns its router's ``Routing`` (else None). It is an output, not a side effect:
+    wrappers see it as they see the block's other outputs (FSDP2 rebuilds a block's input lists to
+    cast them, and hooks the outputs' gradients to gather the weights for the backward)."""
 
     def __init__(self, config: Config, layer: int = 0, kernels=ops.reference):
         super().__init__()
@@ -263,14 +255,18 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                attend: Attend = Attend(), routing: RoutingLog | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                attend: Attend = Attend(), route: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, Routing | None]:
         if residual is None:  # the first block: x is the embedding, the stream starts here
             h, residual = self.attn_norm(x), x
         else:
             h, residual = self.attn_norm(x, residual=residual)  # residual += x; h = norm(residual)
         attn_out = self.attn(h, cos, sin, cache, positions, attend)
         h, residual = self.ffn_norm(attn_out, residual=residual)
-        return (self.ffn(h, routing) if self.sparse else self.ffn(h)), residual
+        if self.sparse:
+            out, routing = self.ffn(h, route)
+            return out, residual, routing
+        return self.ffn(h), residual, None
 
 
 class LMHead(nn.Linear):
@@ -395,11 +391,10 @@ class QWEN(nn.Module):
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         add_aux = sparse and labels is not None and output_router_logits
-        log = RoutingLog() if add_aux or return_aux else None
-        out = self._forward(input_ids, cache, last_only, labels, num_items_in_batch, positions, attend, log)
-        if log is None:
+        routing = [] if add_aux or return_aux else None  # each MoE layer's Routing, filled by _forward
+        out = self._forward(input_ids, cache, last_only, labels, num_items_in_batch, positions, attend, routing)
+        if routing is None:
             return out
-        routing = log.layers
         stats = RouterStats(load_balancing_loss(routing, self.config.num_experts_per_tok),
                             torch.stack([r.counts for r in routing]))  # (moe_layers, E)
         if add_aux:
@@ -431,7 +426,7 @@ class QWEN(nn.Module):
 
     def _forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                  labels: torch.Tensor | None = None, num_items_in_batch=None, positions: torch.Tensor | None = None,
-                 attend: Attend = Attend(), routing: RoutingLog | None = None):
+                 attend: Attend = Attend(), routing: list[Routing] | None = None):
         B, T = input_ids.shape
         x = self.embeddings(input_ids)                                   # (B, T, C)
         if positions is None:
@@ -442,7 +437,9 @@ class QWEN(nn.Module):
             attend = Attend(kv_lens=cache.lens + T)                      # (B,) once these tokens are in
         residual = None
         for block in self.blocks:
-            x, residual = block(x, residual, cos, sin, cache, positions, attend, routing)
+            x, residual, routed = block(x, residual, cos, sin, cache, positions, attend, routing is not None)
+            if routed is not None:
+                routing.append(routed)
         if cache is not None:
             cache.lens.copy_(attend.kv_lens)
         if last_only:
