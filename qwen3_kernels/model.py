@@ -102,9 +102,19 @@ class FFN(nn.Module):
         self.ops = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        # gate and up in one GEMM (their weights share one buffer), read back as two strided halves
-        gate, up = self.ops.packed_linear(x, (self.gate_proj.weight, self.up_proj.weight)).chunk(2, dim=-1)
+        if plain_linears(self.gate_proj, self.up_proj):
+            # gate and up in one GEMM (their weights share one buffer), read back as two strided halves
+            gate, up = self.ops.packed_linear(x, (self.gate_proj.weight, self.up_proj.weight)).chunk(2, dim=-1)
+        else:  # a wrapped projection (a LoRA adapter on it) runs its own forward
+            gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.ops.swiglu(gate, up))
+
+
+def plain_linears(*modules: nn.Module) -> bool:
+    """Whether each projection is a plain ``nn.Linear``, whose weights ``packed_linear`` may multiply
+    together; a module that wraps one (PEFT's LoRA layer: base + adapter) must run its own forward,
+    which the packed path would skip."""
+    return all(type(m) is nn.Linear for m in modules)
 
 
 class Experts(nn.Module):
@@ -219,7 +229,10 @@ class GQA(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        qkv = self.ops.packed_linear(x, [p.weight for p in projections], [p.bias for p in projections])
+        if plain_linears(*projections):
+            qkv = self.ops.packed_linear(x, [p.weight for p in projections], [p.bias for p in projections])
+        else:  # a wrapped projection (a LoRA adapter on it) runs its own forward
+            qkv = torch.cat([p(x) for p in projections], dim=-1)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)          # one GEMM, three strided views
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
