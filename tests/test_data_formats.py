@@ -137,7 +137,8 @@ def test_prompt_completion_chat_equals_the_conversation_trained_on_the_completio
     assert sum(t != IGNORE for t in labels) > len(trained)  # the messages form also trains the first reply
 
     # one user turn and one reply: exactly the messages form
-    turn = [{"prompt": [SYSTEM, {"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Yo"}]}]
+    turn = [{"prompt": [SYSTEM, {"role": "user", "content": "Hi"}],
+             "completion": [{"role": "assistant", "content": "Yo"}]}]
     messages = [{"messages": turn[0]["prompt"] + turn[0]["completion"]}]
     assert (_lists(read_examples(_write_jsonl(tmp_path / "turn.jsonl", turn), tokenizer, 4096))
             == _lists(read_examples(_write_jsonl(tmp_path / "messages.jsonl", messages), tokenizer, 4096)))
@@ -266,7 +267,8 @@ def test_without_datasets_the_error_says_what_to_install(tokenizer, tmp_path, mo
      r'"completion" has no assistant message'),
     ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "bot", "content": "r"}]},
      r"completion message 0 has unknown role 'bot'"),
-    ({"prompt": [{"role": "user", "content": [{"type": "image"}]}], "completion": [{"role": "assistant", "content": "r"}]},
+    ({"prompt": [{"role": "user", "content": [{"type": "image"}]}],
+      "completion": [{"role": "assistant", "content": "r"}]},
      r"prompt message 0's content must be a string or a list of text parts"),
     ({"prompt": "a", "completion": "b", "text": "c"}, r'expected an object with either "messages"'),
     ({"completion": "b"}, r'expected an object with either "messages".*"prompt" and "completion"'),

@@ -67,7 +67,8 @@ def datasets_module(what: str):
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"reading {what} needs the datasets library: install qwen3_kernels[train] (datasets)") from None
+        raise ImportError(f"reading {what} needs the datasets library: "
+                          "install qwen3_kernels[train] (datasets)") from None
     return datasets
 
 
@@ -194,12 +195,20 @@ def fingerprint(path) -> str:
     return h.hexdigest()
 
 
+_digests: dict = {}  # (path, size, mtime, inode) -> sha256, for this process's life
+
+
 def _file_digest(file: str) -> str:
+    st = os.stat(file)
+    stamp = (os.path.abspath(file), st.st_size, st.st_mtime_ns, st.st_ino)
+    if stamp in _digests:
+        return _digests[stamp]
     h = hashlib.sha256()
     with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+    _digests[stamp] = h.hexdigest()
+    return _digests[stamp]
 
 
 def _one_line(e: Exception) -> str:

@@ -83,7 +83,7 @@ class TokenizedExamples:
                   for name, (file, dtype) in _FILES.items()}
         self.tokens = ExampleColumn(arrays["tokens"], arrays["offsets"])
         self.labels = ExampleColumn(arrays["labels"], arrays["offsets"])
-        self.lengths = np.diff(arrays["offsets"])
+        self._offsets = arrays["offsets"]
         self.truncated = int(meta["truncated"])
         self.num_tokens = int(meta["tokens"])
         self.num_trained_tokens = int(meta["trained_tokens"])
@@ -92,6 +92,11 @@ class TokenizedExamples:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Each example's token count (int64, in memory: 8 bytes an example)."""
+        return np.diff(self._offsets)
 
     def __repr__(self) -> str:
         return (f"TokenizedExamples({len(self)} examples, {self.num_tokens} tokens, {self.truncated} truncated, "
@@ -195,11 +200,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
         try:
             h.update(pickle.dumps(tokenizer))
         except Exception as e:
-            raise ValueError(f"cannot fingerprint the tokenizer for the token cache ({e}); pass cache_dir=None") from None
+            raise ValueError(f"cannot fingerprint the tokenizer for the token cache ({e}); "
+                             "pass cache_dir=None") from None
     h.update(json.dumps([getattr(tokenizer, "eos_token", None), getattr(tokenizer, "pad_token", None),
                          end_of_text_ids(tokenizer)]).encode())
-    h.update(inspect.getsource(tokenizer_module.chat_segments).encode())
-    h.update(inspect.getsource(tokenizer_module.Tokenizer.encode_chat).encode())
+    for function in (tokenizer_module.chat_segments, tokenizer_module.Tokenizer.encode_chat):
+        try:
+            h.update(inspect.getsource(function).encode())
+        except (OSError, TypeError):  # installed without sources
+            h.update(function.__code__.co_code + repr(function.__code__.co_consts).encode())
     return h.hexdigest()
 
 
