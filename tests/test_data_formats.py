@@ -136,6 +136,10 @@ def test_prompt_completion_chat_equals_the_conversation_trained_on_the_completio
     assert all(t in (full, IGNORE) for t, full in zip(as_pair.labels[0], labels))
     assert sum(t != IGNORE for t in labels) > len(trained)  # the messages form also trains the first reply
 
+    # every reply in the completion (a multi-turn completion): exactly the messages form
+    whole = [{"prompt": conversation[:2], "completion": conversation[2:]}]
+    assert _lists(read_examples(_write_jsonl(tmp_path / "whole.jsonl", whole), tokenizer, 4096)) == ([ids], [labels], 0)
+
     # one user turn and one reply: exactly the messages form
     turn = [{"prompt": [SYSTEM, {"role": "user", "content": "Hi"}],
              "completion": [{"role": "assistant", "content": "Yo"}]}]

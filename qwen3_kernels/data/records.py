@@ -77,7 +77,8 @@ def tokenize_record(record, where: str, tokenizer, end_of_text: list[int]) -> tu
         if not any(m.get("role") == "assistant" for m in completion):
             raise ValueError(f"{where}: \"completion\" has no assistant message, so nothing to train on")
         ids, labels = _encode_chat(tokenizer, prompt + completion, where)
-        return ids, _untrain_first_replies(labels, sum(m.get("role") == "assistant" for m in prompt), where)
+        replies = [sum(m["role"] == "assistant" for m in part) for part in (prompt, completion)]
+        return ids, _untrain_first_replies(labels, replies[0], sum(replies), where)
     raise ValueError(f"{where}: \"prompt\" and \"completion\" must both be strings or both be lists of messages, "
                      f"got {abridged(prompt)} and {abridged(completion)}")
 
@@ -114,7 +115,7 @@ def _encode_chat(tokenizer, messages: list, where: str) -> tuple[list[int], list
         raise ValueError(f"{where}: {e}") from None
 
 
-def _untrain_first_replies(labels: list[int], skip: int, where: str) -> list[int]:
+def _untrain_first_replies(labels: list[int], skip: int, replies: int, where: str) -> list[int]:
     """``labels`` with the first ``skip`` assistant replies no longer trained on. ``encode_chat`` trains on
     each reply as one unbroken run of tokens (a reply runs through its ``<|im_end|>``, and a newline and
     the next turn's header, never trained, separate two replies), so reply k is the k-th run."""
@@ -127,8 +128,9 @@ def _untrain_first_replies(labels: list[int], skip: int, where: str) -> list[int
             run, inside = run + 1, True
         if run < skip:
             out[k] = IGNORE_INDEX
-    if run + 1 <= skip:
-        raise ValueError(f"{where}: the chat template left no trained token in the completion")
+    if run + 1 != replies:  # the runs are not the replies: refuse rather than train on the wrong tokens
+        raise ValueError(f"{where}: the chat template's labels hold {run + 1} trained runs for {replies} assistant "
+                         "messages, so the prompt's replies cannot be told from the completion's")
     return out
 
 
