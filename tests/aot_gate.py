@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -354,10 +355,43 @@ def workloads(arch: int):
                 yield f"{name} {dt} packed T=16384 max_seqlen=4096 attention", packed
 
 
+# (name, hidden, expert FFN, experts, top k) of the Qwen3 MoE models: the MoE launches below
+MOE_SHAPES = (("30B-A3B", 2048, 768, 128, 8), ("235B-A22B", 4096, 1536, 128, 8))
+MOE_TRAIN_TOKENS = 8192
+MOE_CHUNK_TOKENS = 2048  # a prompt chunk or a short training batch: the mid-size tiles (128 rows per expert)
+
+
+def moe_workloads(arch: int):
+    """Every MoE launch in every kernel dtype: the router and the experts at an 8k-token prefill (no
+    gradients) and training step (forward keeping the pre-activations, then the whole backward), the
+    same at 2k tokens (the mid-size tiles), and decode batches 1/8/64 (the small-row tiles). Tags contain "moe": ``python tests/aot_gate.py 90 moe``
+    compiles only these."""
+    from qwen3_kernels.ops.triton import moe
+
+    for dtype, (name, C, inter, E, top_k) in itertools.product(DTYPES, MOE_SHAPES):
+        dt = str(dtype).removeprefix("torch.")
+        for T, train in [(MOE_TRAIN_TOKENS, False), (MOE_TRAIN_TOKENS, True), (MOE_CHUNK_TOKENS, False),
+                         (MOE_CHUNK_TOKENS, True)] + [(B, False) for B in DECODE_BATCHES]:
+            kind = "training" if train else ("prefill" if T >= MOE_CHUNK_TOKENS else "decode")
+            tag = f"{name} {dt} moe {kind} tokens={T}"
+
+            def block(T=T, C=C, inter=inter, E=E, top_k=top_k, train=train, dtype=dtype):
+                logits = _meta(T, E, dtype=dtype)
+                weights, ids = moe.moe_route_forward(logits, top_k, True)
+                hidden, gate_up, down = _meta(T, C, dtype=dtype), _meta(E, 2 * inter, C, dtype=dtype), \
+                    _meta(E, C, inter, dtype=dtype)
+                out, pre, order, pos, offsets = moe.moe_experts_forward(hidden, ids, weights, gate_up, down, train)
+                if train:
+                    moe.moe_experts_backward(out, hidden, weights, gate_up, down, pre, order, pos, offsets)
+                    moe.moe_route_backward(weights, logits, ids, True)
+
+            yield tag, block
+
+
 def run(arch: int, only: str = "", progress: bool = False) -> list[dict]:
     recorder = Recorder()
     with recorder.active(arch):
-        for tag, thunk in workloads(arch):
+        for tag, thunk in itertools.chain(workloads(arch), moe_workloads(arch)):
             if only not in tag:
                 continue
             recorder.workload = tag

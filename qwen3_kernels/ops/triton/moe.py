@@ -322,7 +322,8 @@ def gemm_config(arch: int, rows: int, experts: int, dtype: torch.dtype) -> dict:
     Few rows per expert (decode: a few tokens x 8 experts) take 16-row tiles, so a one-token expert
     wastes 15 rows instead of 127, and narrow column blocks, so the weight stream is spread over
     enough programs to fill the GPU; many rows per expert (prefill, training) take 64/128-row tiles.
-    fp32 halves the K depth (shared memory). The interpreter (arch 0) takes small tiles that still
+    fp32 takes at most 64 x 64 tiles at a quarter of the K depth (registers: without tensor cores
+    bigger ones spilled). The interpreter (arch 0) takes small tiles that still
     cover several column blocks and K steps at test shapes."""
     if arch == 0:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
@@ -336,8 +337,9 @@ def gemm_config(arch: int, rows: int, experts: int, dtype: torch.dtype) -> dict:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4)
-    if wide:
-        cfg["BLOCK_K"] //= 2
+    if wide:  # no tensor cores in IEEE fp32: the product tiles live in registers (bigger ones spilled)
+        cfg.update(BLOCK_M=min(cfg["BLOCK_M"], 64), BLOCK_N=min(cfg["BLOCK_N"], 64),
+                   BLOCK_K=max(16, cfg["BLOCK_K"] // 4), num_warps=4 if cfg["BLOCK_M"] == 16 else 8)
     return cfg
 
 
@@ -347,8 +349,15 @@ def wgrad_config(arch: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
     cfg = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
     if dtype == torch.float32:
-        cfg.update(BLOCK_M=16, BLOCK_K=64)
+        cfg.update(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
     return cfg
+
+
+def _two_tile_meta(meta: dict) -> dict:
+    """The gate/up kernel holds two accumulators (gate and up), the dact kernel its accumulator plus
+    the gate and up tiles of its epilogue: half the column block keeps them at the registers of one
+    full tile (a 128 x 128 tile of each spilled on sm_90)."""
+    return dict(meta, BLOCK_N=max(16, meta["BLOCK_N"] // 2))
 
 
 def _tile_slots(rows: int, experts: int, block_m: int) -> int:
@@ -405,9 +414,10 @@ def moe_experts_forward(hidden: torch.Tensor, expert_ids: torch.Tensor, weights:
     slots = _tile_slots(M, E, cfg["BLOCK_M"])
     act = torch.empty((M, I), dtype=dtype, device=device)
     pre_arg = pre if save_pre else act
-    _moe_gate_up_kernel[(slots, triton.cdiv(I, cfg["BLOCK_N"]))](
+    half = _two_tile_meta(meta)
+    _moe_gate_up_kernel[(slots, triton.cdiv(I, half["BLOCK_N"]))](
         x, gu, order, offsets, act, pre_arg, E, H, I, x.stride(0), gu.stride(0), gu.stride(1), gu.stride(2),
-        act.stride(0), pre_arg.stride(0), TOP_K=top_k, SAVE_PRE=save_pre, **meta)
+        act.stride(0), pre_arg.stride(0), TOP_K=top_k, SAVE_PRE=save_pre, **half)
     y = torch.empty((M, H), dtype=dtype, device=device)
     _moe_grouped_kernel[(slots, triton.cdiv(H, cfg["BLOCK_N"]))](
         act, dn, offsets, y, E, I, H, act.stride(0), dn.stride(0), dn.stride(2), dn.stride(1), y.stride(0), **meta)
@@ -444,12 +454,13 @@ def moe_experts_backward(dout: torch.Tensor, hidden: torch.Tensor, weights: torc
     cfg = gemm_config(arch, M, E, dtype)
     meta = dict(BLOCK_E=_block_e(E), DOT_PRECISION=_dot_precision(dtype), **cfg)
     slots = _tile_slots(M, E, cfg["BLOCK_M"])
-    col_blocks = triton.cdiv(I, cfg["BLOCK_N"])
+    half = _two_tile_meta(meta)
+    col_blocks = triton.cdiv(I, half["BLOCK_N"])
     dpre = torch.empty((M, 2 * I), dtype=dtype, device=device)
     dw_part = torch.empty((M, col_blocks), dtype=torch.float32, device=device)
     _moe_dact_kernel[(slots, col_blocks)](
         g, down, order, offsets, w, pre, dpre, dw_part, E, H, I, g.stride(0), down.stride(0), down.stride(1),
-        down.stride(2), pre.stride(0), dpre.stride(0), dw_part.stride(0), TOP_K=top_k, **meta)
+        down.stride(2), pre.stride(0), dpre.stride(0), dw_part.stride(0), TOP_K=top_k, **half)
     if need_weights:
         dweights.copy_(dw_part.sum(1)[pos.long()].view(N, top_k))
     if need_hidden:
