@@ -171,11 +171,12 @@ class MoE(nn.Module):
 class RouterStats(NamedTuple):
     """The routing of one forward over all MoE layers (``QWEN.forward(..., return_aux=True)``).
 
-    ``aux_loss``: transformers' ``load_balancing_loss_func`` (Switch Transformer): with f_e the share of
-    the N x k assignments of every MoE layer together that went to expert e, and P_e its mean router
-    probability over the same tokens and layers, ``E * sum_e f_e * P_e`` (1.0 for a perfectly even
-    router; k for one that sends every token to the same k experts). A () fp32 tensor carrying the
-    gradient to the routers. Every token of ``input_ids`` counts (there is no padding: packed
+    ``aux_loss``: transformers' ``load_balancing_loss_func`` (Switch Transformer): with f_e the number
+    of tokens sent to expert e per token (over every MoE layer together: the f_e sum to k) and P_e its
+    mean router probability over the same tokens and layers, ``E * sum_e f_e * P_e``: k for an even
+    router with uniform probabilities, up to E for one that sends every token to the same k experts
+    with all its probability. A () fp32 tensor carrying the gradient to the routers (through P; the
+    counts are not differentiable). Every token of ``input_ids`` counts (there is no padding: packed
     sequences are padding-free; labels of -100 do not mask it, as in transformers).
 
     ``tokens_per_expert``: (moe_layers, E) int64, how many tokens each layer sent to each expert."""
@@ -200,7 +201,7 @@ def expert_load(tokens_per_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def load_balancing_loss(routing: list[Routing], top_k: int) -> torch.Tensor:
     """transformers' ``load_balancing_loss_func`` over the layers' ``Routing``: the assignment shares
     and mean probabilities are taken over all layers' tokens together (sums over the layers, divided
-    by layers x tokens), then ``E * sum_e f_e * P_e`` with f_e the per-token count (k per token)."""
+    by layers x tokens), then ``E * sum_e f_e * P_e``."""
     prob_sum, counts = routing[0].prob_sum, routing[0].counts.to(torch.float32)
     for r in routing[1:]:
         prob_sum, counts = prob_sum + r.prob_sum, counts + r.counts.to(torch.float32)

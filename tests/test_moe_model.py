@@ -179,6 +179,17 @@ def test_router_stats_from_one_forward(moe_checkpoint):
     assert [x.item() for x in expert_load(torch.full((2, 8), 6))] == [1 / 8, 1 / 8]
 
 
+def test_aux_loss_of_an_even_and_a_collapsed_router():
+    """k when the tokens spread evenly with uniform probabilities; E when every token goes to the same k
+    experts with all its probability, over two layers together."""
+    from qwen3_kernels.model import Routing, load_balancing_loss
+    N, E, k = 12, 8, 2
+    even = Routing(torch.full((E,), N / E), torch.full((E,), N * k // E))
+    collapsed = Routing(torch.tensor([N / 2, N / 2] + [0.0] * 6), torch.tensor([N, N] + [0] * 6))
+    assert load_balancing_loss([even, even], k).item() == pytest.approx(k)
+    assert load_balancing_loss([collapsed, collapsed], k).item() == pytest.approx(E)
+
+
 def test_return_aux_on_a_dense_model_is_refused():
     model = QWEN(Config(vocab_size=101, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
                         intermediate_size=48, max_position_embeddings=32))
