@@ -368,3 +368,19 @@ def test_compiled_fullgraph_with_the_reference_moe_ops(moe_checkpoint):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(_ids(1, 11)), model(_ids(1, 11)), rtol=1e-5, atol=1e-5)
+
+
+def test_random_init_of_the_router_and_experts():
+    """The stacked experts are initialised as the Linear weights are (normal, std 0.02), also when a
+    model built on the meta device is materialised (to_empty + reset_parameters)."""
+    config = Config(vocab_size=101, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                    intermediate_size=96, max_position_embeddings=64, **MOE)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = QWEN(config)
+    model.to_empty(device="cpu").reset_parameters()
+    for block in model.blocks:
+        moe = block.ffn
+        for p in (moe.gate.weight, moe.experts.gate_up_proj, moe.experts.down_proj):
+            assert torch.isfinite(p).all() and abs(p.std().item() - 0.02) < 0.002 and abs(p.mean().item()) < 0.002
+        assert not torch.equal(moe.experts.gate_up_proj[0], moe.experts.gate_up_proj[1])
