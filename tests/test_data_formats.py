@@ -15,6 +15,7 @@ from conftest import write_tokenizer
 from qwen3_kernels import Tokenizer
 from qwen3_kernels.data import (TokenizedExamples, cache_key, check_data_path, data_fingerprint, pack_examples,
                                 read_examples, read_jsonl)
+from qwen3_kernels.data import sources as sources_module
 from qwen3_kernels.data import tokenized as tokenized_module
 
 IGNORE = -100
@@ -300,7 +301,30 @@ def test_a_bad_row_in_a_table_is_named(tokenizer, tmp_path):
         read_examples(tmp_path / "broken.parquet", tokenizer, MAX_LEN)
 
 
-def test_json_array_errors_name_the_line(tokenizer, tmp_path):
+@pytest.mark.parametrize("block", [3, 7, 1 << 20])
+def test_a_json_array_is_read_in_blocks(tokenizer, tmp_path, monkeypatch, block):
+    """Blocks cut records, numbers and multi-byte characters anywhere; the records and the lines named
+    in errors are the same whatever the block size."""
+    monkeypatch.setattr(sources_module._JsonArray, "block", block)
+    expected = _lists(read_jsonl(_write_jsonl(tmp_path / "data.jsonl", RECORDS), tokenizer, MAX_LEN))
+    text = "\ufeff [\n" + ",\n".join(json.dumps(r, indent=2, ensure_ascii=False) for r in RECORDS) + "\n] \n"
+    (tmp_path / "data.json").write_text(text, encoding="utf-8")
+    assert _lists(read_examples(tmp_path / "data.json", tokenizer, MAX_LEN)) == expected
+    starts = [number for number, line in enumerate(text.splitlines(), start=1) if line == "{"]  # each record's
+    assert [(where, record) for where, _, record in sources_module.iter_records(tmp_path / "data.json", "json")] == [
+        (f"{tmp_path / 'data.json'}: record {i} (line {line})", record) for i, (line, record) in
+        enumerate(zip(starts, RECORDS))]
+    (tmp_path / "data.json").write_text('[1234\n, {"text": "🙂"}, 5]')
+    with pytest.raises(ValueError, match=r"data.json: record 0 \(line 1\): expected an object .* got 1234$"):
+        read_examples(tmp_path / "data.json", tokenizer, MAX_LEN)
+    (tmp_path / "data.json").write_bytes(b'[{"text": "a"},\n\n{"text": "\xff"}]')
+    with pytest.raises(ValueError, match=r"data.json:3: not UTF-8 \(byte 0xff\)"):
+        read_examples(tmp_path / "data.json", tokenizer, MAX_LEN)
+
+
+@pytest.mark.parametrize("block", [5, 1 << 20])
+def test_json_array_errors_name_the_line(tokenizer, tmp_path, monkeypatch, block):
+    monkeypatch.setattr(sources_module._JsonArray, "block", block)
     (tmp_path / "data.json").write_text('[\n{"text": "a"},\n{"text": "b"\n]')
     with pytest.raises(ValueError, match=r"data.json:4: not valid JSON \(Expecting ',' delimiter, in record 1\)"):
         read_examples(tmp_path / "data.json", tokenizer, MAX_LEN)

@@ -10,6 +10,7 @@ tokenises it) or ``"record"`` (payload: the record itself)."""
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -114,70 +115,107 @@ def _jsonl(path: str) -> Iterator[tuple[str, str, object]]:
 
 
 def _json(path: str) -> Iterator[tuple[str, str, object]]:
-    """A JSON array, one element at a time (the file's text is held, its records are not all parsed at
-    once), or JSONL content in a ``.json`` file."""
+    """A JSON array, read and parsed one element at a time, or JSONL content in a ``.json`` file."""
     with open(path, "rb") as f:
         head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
-    if not head.startswith(b"["):
+    if head.startswith(b"["):
+        yield from _JsonArray(path).records()
+    else:
         yield from _jsonl(path)
-        return
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x})") from None
-    del raw
-    yield from _json_array(path, text)
 
 
-def _json_array(path: str, text: str) -> Iterator[tuple[str, str, object]]:
-    decoder = json.JSONDecoder()
-    n = len(text)
-    pos = text.index("[") + 1
-    line = 1 + text.count("\n", 0, pos)
-    counted = pos  # text[:counted] has been counted into ``line``
+_JSON = json.JSONDecoder()
 
-    def at(p):  # the line number of position p
-        nonlocal line, counted
-        line += text.count("\n", counted, p)
-        counted = p
-        return line
 
-    def skip(p):
-        while p < n and text[p] in " \t\r\n":
-            p += 1
-        return p
+class _JsonArray:
+    """The elements of a JSON array file, parsed from a window of its text that is refilled as it is
+    consumed, so only the record being parsed (and a block) is held."""
 
-    pos = skip(pos)
-    if pos < n and text[pos] == "]":
-        _expect_end(path, text, pos + 1, at)
-        return
-    index = 0
-    while True:
-        if pos >= n:
-            raise ValueError(f"{path}:{at(n)}: not valid JSON (the array is not closed)")
+    block = 1 << 20  # bytes read at a time
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = open(path, "rb")
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.text, self.pos = "", 0  # the window, and where parsing stands in it
+        self.counted, self.line = 0, 1  # text[counted] is on this line
+        self.eof = False
+
+    def more(self) -> bool:
+        """Reads a block onto the window (dropping what was parsed); False at the end of the file."""
+        if self.eof:
+            return False
+        raw = self.file.read(self.block)
+        self.line_at(self.pos)
+        self.text, self.pos, self.counted = self.text[self.pos:], 0, 0
         try:
-            record, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{at(e.pos)}: not valid JSON ({e.msg}, in record {index})") from None
-        yield f"{path}: record {index} (line {at(pos)})", "record", record
-        index += 1
-        pos = skip(end)
-        if pos < n and text[pos] == ",":
-            pos = skip(pos + 1)
-            continue
-        if pos < n and text[pos] == "]":
-            _expect_end(path, text, pos + 1, at)
-            return
-        raise ValueError(f"{path}:{at(min(pos, n))}: not valid JSON (expected ',' or ']' after record {index - 1})")
+            self.text += self.utf8.decode(raw, final=not raw)
+        except UnicodeDecodeError as e:
+            line = self.line + self.text.count("\n") + raw.count(b"\n", 0, max(e.start, 0))
+            raise ValueError(f"{self.path}:{line}: not UTF-8 (byte 0x{e.object[e.start]:02x})") from None
+        self.eof = not raw
+        return True
 
+    def line_at(self, pos: int) -> int:
+        """The line of text[pos], for positions that never go back (each newline is counted once)."""
+        self.line += self.text.count("\n", self.counted, pos)
+        self.counted = pos
+        return self.line
 
-def _expect_end(path, text, pos, at):
-    rest = text[pos:]
-    if rest.strip():
-        raise ValueError(f"{path}:{at(pos + len(rest) - len(rest.lstrip()))}: not valid JSON (text after the array)")
+    def skip_space(self) -> str:
+        """The next character that is not white space ("" at the end of the file), not consumed."""
+        while True:
+            while self.pos < len(self.text) and self.text[self.pos] in " \t\r\n\ufeff":
+                self.pos += 1
+            if self.pos < len(self.text) or not self.more():
+                return self.text[self.pos:self.pos + 1]
+
+    def error(self, pos: int, what: str) -> ValueError:
+        return ValueError(f"{self.path}:{self.line_at(pos)}: not valid JSON ({what})")
+
+    def records(self) -> Iterator[tuple[str, str, object]]:
+        try:
+            self.skip_space()
+            self.pos += 1  # the "[" _json saw
+            if self.skip_space() == "]":
+                self.pos += 1
+                return self.expect_end()
+            index = 0
+            while True:
+                if self.skip_space() == "":
+                    raise self.error(self.pos, "the array is not closed")
+                record, line = self.decode(index), self.line_at(self.pos)
+                yield f"{self.path}: record {index} (line {line})", "record", record[0]
+                self.pos = record[1]
+                index += 1
+                after = self.skip_space()
+                if after == ",":
+                    self.pos += 1
+                elif after == "]":
+                    self.pos += 1
+                    return self.expect_end()
+                else:
+                    raise self.error(self.pos, f"expected ',' or ']' after record {index - 1}")
+        finally:
+            self.file.close()
+
+    def decode(self, index: int):
+        """(element, end) of the element at ``pos``; a parse that fails or ends at the window's end is
+        tried again with more text, so an element cut by a block boundary is never taken for an error or
+        for a shorter element (a number)."""
+        while True:
+            try:
+                value, end = _JSON.raw_decode(self.text, self.pos)
+                if end < len(self.text) or self.eof:
+                    return value, end
+            except json.JSONDecodeError as e:
+                if self.eof:
+                    raise self.error(e.pos, f"{e.msg}, in record {index}") from None
+            self.more()
+
+    def expect_end(self) -> None:
+        if self.skip_space() != "":
+            raise self.error(self.pos, "text after the array")
 
 
 def fingerprint(path) -> str:
