@@ -164,7 +164,9 @@ def test_workers_give_the_same_examples_and_name_a_bad_record(tokenizer, tmp_pat
     monkeypatch.setattr(tokenized_module, "_CHUNK", 5)  # many chunks, finishing out of order
     records = RECORDS * 4
     jsonl = _write_jsonl(tmp_path / "data.jsonl", records)
-    one = read_examples(jsonl, tokenizer, MAX_LEN, workers=1)
+    seen = []
+    one = read_examples(jsonl, tokenizer, MAX_LEN, workers=1, progress=seen.append)
+    assert seen == list(range(5, len(records), 5)) + [len(records)]
     two = read_examples(jsonl, tokenizer, MAX_LEN, workers=2, cache_dir=tmp_path / "cache")
     assert _lists(one) == _lists(two) and len(one) == len(records)
     assert np.array_equal(one.lengths, two.lengths)
@@ -178,10 +180,13 @@ def test_workers_give_the_same_examples_and_name_a_bad_record(tokenizer, tmp_pat
 def test_the_cache_is_reused_and_a_changed_file_is_tokenised_again(tokenizer, tmp_path):
     jsonl = _write_jsonl(tmp_path / "data.jsonl", RECORDS)
     cache = tmp_path / "tokenized"
-    first = read_examples(jsonl, tokenizer, MAX_LEN, cache_dir=cache)
+    seen = []
+    first = read_examples(jsonl, tokenizer, MAX_LEN, cache_dir=cache, progress=seen.append)
+    assert seen == [len(RECORDS)]  # one chunk
     assert os.path.dirname(first.directory) == str(cache)
     assert os.path.basename(first.directory) == cache_key(jsonl, tokenizer, MAX_LEN)
-    again = read_examples(jsonl, _Untouchable(tokenizer), MAX_LEN, cache_dir=cache)
+    again = read_examples(jsonl, _Untouchable(tokenizer), MAX_LEN, cache_dir=cache, progress=seen.append)
+    assert seen == [len(RECORDS)]
     assert again.directory == first.directory and _lists(again) == _lists(first)
 
     with pytest.raises(AssertionError, match="tokenised although"):  # another max_len: another key

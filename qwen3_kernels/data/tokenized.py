@@ -109,13 +109,17 @@ def _open_array(file: str, dtype, count: int) -> np.ndarray:
     return np.memmap(file, dtype=dtype, mode="r", shape=(count,))
 
 
-def read_examples(path, tokenizer, max_len: int, *, cache_dir=None, workers: int | None = None) -> TokenizedExamples:
+def read_examples(path, tokenizer, max_len: int, *, cache_dir=None, workers: int | None = None,
+                  progress=None) -> TokenizedExamples:
     """The examples of ``path`` (any format ``check_data_path`` accepts; records as in ``records``),
     each cut to ``max_len`` tokens (``truncated`` counts them), tokenised by ``workers`` processes
     (None: in this process for data under 4 MiB, else min(8, CPUs); the same result whatever the
     number) into ``cache_dir/<key>/`` (see the module's docstring), or, when ``cache_dir`` is None, into a
     temporary directory removed with the returned object. A cache already complete for the same key is
-    read without tokenising. Any bad record is a ValueError naming where it is."""
+    read without tokenising. ``progress``, if given, is called with the number of examples tokenised so
+    far as tokenising goes (never on a cache hit). Any bad record is a ValueError naming where it is.
+    With ``workers`` > 1 the calling program's main module must be importable without side effects
+    (``if __name__ == "__main__":``), as multiprocessing's spawn requires."""
     path = os.fspath(path)
     fmt = check_data_path(path, flag="data")
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
@@ -125,7 +129,7 @@ def read_examples(path, tokenizer, max_len: int, *, cache_dir=None, workers: int
         scratch = tempfile.mkdtemp(prefix="qwen3_kernels-tokens-")
         try:
             directory = os.path.join(scratch, "examples")
-            meta = _build(path, fmt, tokenizer, max_len, workers, directory, key=None)
+            meta = _build(path, fmt, tokenizer, max_len, workers, directory, key=None, progress=progress)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
@@ -146,7 +150,7 @@ def read_examples(path, tokenizer, max_len: int, *, cache_dir=None, workers: int
                 shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
         building = os.path.join(cache_dir, f".tmp-{key}-{uuid.uuid4().hex[:12]}")
         try:
-            meta = _build(path, fmt, tokenizer, max_len, workers, building, key=key)
+            meta = _build(path, fmt, tokenizer, max_len, workers, building, key=key, progress=progress)
             if os.path.lexists(final):  # there, but failed its checks
                 broken = os.path.join(cache_dir, f".tmp-{key}-broken-{uuid.uuid4().hex[:12]}")
                 os.rename(final, broken)
@@ -251,7 +255,7 @@ def _open_cache(directory: str, key: str) -> TokenizedExamples | None:
         return None
 
 
-def _build(path: str, fmt: str, tokenizer, max_len: int, workers: int, directory: str, key) -> dict:
+def _build(path: str, fmt: str, tokenizer, max_len: int, workers: int, directory: str, key, progress=None) -> dict:
     os.makedirs(directory)
     files = {name: open(os.path.join(directory, file), "wb") for name, (file, _) in _FILES.items()}
     counts = dict.fromkeys(_FILES, 0)
@@ -271,6 +275,8 @@ def _build(path: str, fmt: str, tokenizer, max_len: int, workers: int, directory
             totals["examples"] += len(lengths)
             totals["trained_tokens"] += int(np.count_nonzero(labels != IGNORE_INDEX))
             totals["truncated"] += truncated
+            if progress is not None:
+                progress(totals["examples"])
 
         for result in _tokenized(_chunks(iter_records(path, fmt)), tokenizer, max_len, workers):
             write(result)
