@@ -168,7 +168,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-aux-loss-coef", type=_non_negative_float, default=None,
                    help="Qwen3-MoE: weight of the load-balancing loss added to the training loss (on in training; "
                         "default: the checkpoint's router_aux_loss_coef; 0 turns it off)")
-    p.add_argument("--seed", type=_seed, default=0, help="data order")
+    p.add_argument("--seed", type=_seed, default=0, help="data order (and a LoRA run's initial adapters)")
     p.add_argument("--dtype", choices=sorted(_DTYPES),
                    help="compute dtype (default: bfloat16 on GPUs, float32 on CPUs)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
@@ -186,6 +186,26 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that holds another run's outputs, deleting them")
+
+    def probability(text: str) -> float:
+        value = float(text)
+        if not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+        return value
+
+    lora = p.add_argument_group("LoRA (through PEFT; the output is a PEFT adapter for transformers' Qwen3)")
+    lora.add_argument("--lora-rank", type=_non_negative_int, default=0,
+                      help="train LoRA adapters of this rank on a frozen base; 0 fine-tunes every weight")
+    lora.add_argument("--lora-alpha", type=_positive_float, default=None,
+                      help="the adapters' scale is alpha / rank (default: twice the rank, a scale of 2)")
+    lora.add_argument("--lora-dropout", type=probability, default=0.0,
+                      help="dropout on the adapters' input in training")
+    lora.add_argument("--lora-targets", metavar="NAMES", default=None,
+                      help="comma-separated projections to adapt, among q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                           "up_proj, down_proj (default: all seven; on Qwen3-MoE, whose experts are not Linear "
+                           "layers, the four attention ones)")
+    lora.add_argument("--merge", action="store_true",
+                      help="also write the base with the adapters merged into it, a full checkpoint in --out/merged")
 
 
 COMMANDS = ("generate", "chat", "train", "tune")

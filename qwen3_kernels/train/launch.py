@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 
 import torch
@@ -46,6 +47,7 @@ def _check_paths(args) -> None:
     if args.eval_data is not None and not os.path.isfile(args.eval_data):
         raise FileNotFoundError(f"--eval-data {args.eval_data!r}: no such file")
     check_reporters(parse_report_to(args.report_to))
+    _check_lora(args)
     try:
         os.makedirs(args.out, exist_ok=True)
         probe = os.path.join(args.out, f".write-test-{os.getpid()}")
@@ -60,8 +62,26 @@ def _check_paths(args) -> None:
 # What makes two runs the same run: a checkpoint continues only the run that wrote it.
 _RUN_FILE = "run.json"
 _RUN_ARGUMENTS = ("tokens_per_step", "micro_batch_tokens", "lr", "warmup", "lr_scheduler", "max_grad_norm",
-                  "weight_decay", "router_aux_loss_coef", "seed", "dtype")
-_RUN_OUTPUTS = (_RUN_FILE, "metrics.jsonl", "checkpoints", "loss.png", "tensorboard", "wandb")
+                  "weight_decay", "router_aux_loss_coef", "seed", "dtype", "lora_rank", "lora_alpha", "lora_dropout",
+                  "lora_targets")
+_RUN_OUTPUTS = (_RUN_FILE, "metrics.jsonl", "checkpoints", "loss.png", "tensorboard", "wandb", "adapter_config.json",
+                "adapter_model.safetensors", "merged")
+# the full model a run exports (a new run in the same --out removes an earlier run's: see Trainer.train)
+_EXPORTED_MODEL = re.compile(r"config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
+def _check_lora(args) -> None:
+    """The LoRA options mean something only with --lora-rank; the targets must be projections LoRA can
+    wrap in this model."""
+    if args.lora_rank:
+        _lora_targets(args)
+        return
+    given = [flag for flag, value in (("--lora-alpha", args.lora_alpha), ("--lora-dropout", args.lora_dropout or None),
+                                      ("--lora-targets", args.lora_targets), ("--merge", args.merge or None))
+             if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: LoRA options, but --lora-rank is 0 (full fine-tuning); give "
+                         "--lora-rank R to train LoRA adapters of rank R")
 
 
 def run_identity(args) -> dict:
@@ -80,7 +100,16 @@ def run_identity(args) -> dict:
     # the values the defaults stand for, so spelling a default out does not make another run
     identity["--micro-batch-tokens"] = args.micro_batch_tokens or args.tokens_per_step // _world_size()
     identity["--dtype"] = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.lora_rank:  # the values the LoRA defaults stand for (the targets' default depends on the model)
+        identity["--lora-alpha"] = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+        identity["--lora-targets"] = ",".join(_lora_targets(args))
     return identity
+
+
+def _lora_targets(args) -> list[str]:
+    from ..config import Config
+    from .lora import parse_targets
+    return parse_targets(args.lora_targets, Config.from_pretrained(args.model))
 
 
 def _world_size() -> int:
@@ -130,5 +159,3 @@ def _init_distributed(device_type: str) -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
         dist.init_process_group("gloo", **standalone)
     return dist.get_rank(), dist.get_world_size(), device
-
-

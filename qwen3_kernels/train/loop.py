@@ -18,8 +18,9 @@ from .. import ops
 from ..config import Config, rope_frequencies
 from ..data import pack_examples, read_jsonl
 from ..model import IGNORE_INDEX, QWEN, expert_load
+from . import lora
 from .export import save_hf_checkpoint
-from .launch import _RUN_FILE, _RUN_OUTPUTS, _same_on_every_rank, run_identity
+from .launch import _EXPORTED_MODEL, _RUN_FILE, _RUN_OUTPUTS, _same_on_every_rank, run_identity
 from .report import Progress, Reporters, parse_report_to, plot_loss
 
 _COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -57,12 +58,19 @@ class Trainer:
         # the load-balancing loss is on in training (the released configs leave output_router_logits off)
         self.aux_coef = (args.router_aux_loss_coef if args.router_aux_loss_coef is not None
                          else self.config.router_aux_loss_coef) if self.moe else 0.0
+        self.lora = None  # PEFT's LoraConfig of a LoRA run (--lora-rank); None: full fine-tuning
+        if args.lora_rank:
+            with _same_on_every_rank():
+                self.lora = lora.lora_config(args, lora.parse_targets(args.lora_targets, self.config),
+                                             base_model=os.path.abspath(args.model))
         self.steps = args.steps or (steps_for_epochs(self.examples, self.micro_tokens, args.seed, args.epochs,
                                                      self.micro_per_rank * world) if args.epochs else 100)
         self.model = self._build_model()
         self.n_params = sum(p.numel() for p in self.model.parameters())  # for MFU
-        self.n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+        # all parameters, or a LoRA run's adapters: the frozen base gets no gradient and no optimizer state
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in self.trainable)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=args.lr, betas=(0.9, 0.95),
                                            weight_decay=args.weight_decay, foreach=True)
         self.checkpoints = os.path.join(args.out, "checkpoints")
         self.metrics_file = os.path.join(args.out, "metrics.jsonl")
@@ -77,6 +85,8 @@ class Trainer:
         fused = self.args.fused if self.args.fused is not None else self.device.type == "cuda"
         with torch.device("meta"):
             model = QWEN(self.config, fused=fused)
+        if self.lora is not None:  # PEFT's LoRA layers around the targeted projections, the rest frozen
+            lora.add_adapters(model, self.lora)
         if self.args.activation_checkpointing:
             from torch.utils.checkpoint import checkpoint
             for block in model.blocks:  # FSDP's hooks stay on the block's __call__; its forward is recomputed
@@ -84,10 +94,21 @@ class Trainer:
         policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
         for block in model.blocks:
             fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)  # embeddings, final norm and the (tied) head: one group
+        # embeddings, final norm and the (tied) head: one group. In a LoRA run the frozen base is sharded
+        # as in full fine-tuning, the adapters beside it in their block's group: FSDP2 reduce-scatters
+        # only the gradients there are, the adapters'.
+        fully_shard(model, mp_policy=policy)
         model.to_empty(device=self.device)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        full = QWEN.from_pretrained(self.args.model, dtype=torch.float32).state_dict() if self.rank == 0 else {}
+        full = {}
+        if self.rank == 0:
+            full_model = QWEN.from_pretrained(self.args.model, dtype=torch.float32)
+            if self.lora is not None:  # the adapters' initial weights drawn from --seed, sent to every rank
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.args.seed)
+                    lora.add_adapters(full_model, self.lora)
+            full = full_model.state_dict()
+            del full_model
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
         model.inv_freq = rope_frequencies(self.config)[0].to(self.device)
@@ -147,6 +168,11 @@ class Trainer:
         micro_batches = self.micro_per_rank * self.world
         for i, b in enumerate(batches):
             self.model.set_requires_gradient_sync(i == len(batches) - 1)
+            if self.lora is not None and self.lora.lora_dropout:
+                # the adapters' dropout masks drawn from the micro-batch's index in the run: the same
+                # on one process or several, and after a resume
+                torch.manual_seed(lora.dropout_seed(self.args.seed, (step - 1) * micro_batches + i * self.world
+                                                    + self.rank))
             loss = self.model(b.input_ids, labels=b.labels, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen,
                               num_items_in_batch=counted.clamp(min=1), output_router_logits=False,
                               return_aux=self.moe)
@@ -166,7 +192,7 @@ class Trainer:
             total += loss.detach()
         # --max-grad-norm 0 means no clipping (as in transformers); the norm is still measured
         max_norm = self.args.max_grad_norm or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         dist.all_reduce(total)
@@ -194,8 +220,9 @@ class Trainer:
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
             peak = next((f for name, f in _PEAK_FLOPS.items() if name in torch.cuda.get_device_name(self.device)),
                         None)
-            if peak:
-                metrics["mfu"] = 6 * self.n_params * metrics["tokens_per_s"] / (peak * self.world)
+            if peak:  # per token 2N FLOPs forward, 2N for the activations' gradients, 2N per trained weight
+                flops = 4 * self.n_params + 2 * self.n_trainable
+                metrics["mfu"] = flops * metrics["tokens_per_s"] / (peak * self.world)
         return metrics
 
     def train(self) -> int:
@@ -204,7 +231,11 @@ class Trainer:
             self.load_checkpoint()
         else:
             if self.rank == 0:  # a new run (over an old one only with --overwrite, see _check_run)
-                for name in _RUN_OUTPUTS:
+                # the model an earlier run exported goes with it, so a LoRA run does not leave another
+                # run's full model beside its adapter
+                previous = os.path.exists(os.path.join(args.out, _RUN_FILE))
+                exported = [name for name in os.listdir(args.out) if previous and _EXPORTED_MODEL.fullmatch(name)]
+                for name in (*_RUN_OUTPUTS, *exported):
                     path = os.path.join(args.out, name)
                     if os.path.isdir(path):
                         shutil.rmtree(path)
@@ -298,6 +329,7 @@ class Trainer:
         rounds = -(-len(batches) // self.world)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         counted = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.model.eval()  # no adapter dropout
         with torch.no_grad():
             for i in range(rounds):
                 index = i * self.world + self.rank
@@ -307,6 +339,7 @@ class Trainer:
                                       num_items_in_batch=1, output_router_logits=False)  # the sum of the LM loss
                 total += loss_sum.double()
                 counted += (labels[:, 1:] != IGNORE_INDEX).sum()
+        self.model.train()
         dist.all_reduce(total)
         dist.all_reduce(counted)
         return (total / counted.clamp(min=1)).item(), int(counted.item())
@@ -314,10 +347,15 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------------------
 
     def _state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-        return {"model": get_model_state_dict(self.model), "optimizer": get_optimizer_state_dict(self.model,
-                                                                                                 self.optimizer),
-                "step": self.step}
+        """What a checkpoint holds: the trained parameters (all, or a LoRA run's adapters: the frozen
+        base is read from --model again), their AdamW state and the step."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        model = get_model_state_dict(self.model, options=StateDictOptions(ignore_frozen_params=True))
+        if self.lora is not None:  # torch keeps a tied head's second name (lm_head.weight), frozen or not
+            trained = {name for name, p in self.model.named_parameters() if p.requires_grad}
+            model = {name: value for name, value in model.items() if name in trained}
+        return {"model": model, "optimizer": get_optimizer_state_dict(self.model, self.optimizer), "step": self.step}
 
     def _checkpoint_dir(self, step: int) -> str:
         return os.path.join(self.checkpoints, f"step_{step:07d}")
@@ -351,7 +389,9 @@ class Trainer:
             with _same_on_every_rank(RuntimeError):  # dcp.load fails on every rank together
                 raise RuntimeError(f"--resume: {os.path.join(self.checkpoints, found[-1])!r} does not fit this "
                                    f"model ({cause[:300]})") from None
-        set_model_state_dict(self.model, state["model"])
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        # a LoRA checkpoint holds the adapters alone (dcp.load has checked that each is there)
+        set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=self.lora is None))
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.step = int(state["step"])
         if self.rank == 0 and os.path.exists(self.metrics_file):
@@ -363,17 +403,35 @@ class Trainer:
             print(f"resumed from {found[-1]}", file=sys.stderr)
 
     def save_pretrained(self, out: str) -> None:
-        """The model in transformers' format: config.json, safetensors (sharded above 5 GB), tokenizer files."""
+        """The model in transformers' format: config.json, safetensors (sharded above 5 GB), tokenizer files.
+        A LoRA run writes the adapter in PEFT's format instead (adapter_config.json,
+        adapter_model.safetensors), and with --merge also the base with the adapter merged, as a full
+        checkpoint in ``out/merged``."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank == 0:
-            with open(os.path.join(self.args.model, "config.json")) as f:
-                given = json.load(f)
-            save_hf_checkpoint(state, self.config, out, dtype=self.config.torch_dtype or torch.float32, keep=given)
-            for name in _COPIED_FILES:
-                if os.path.isfile(os.path.join(self.args.model, name)):
-                    shutil.copy2(os.path.join(self.args.model, name), os.path.join(out, name))
+        if self.lora is not None:
+            adapters = get_model_state_dict(self.model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+            if self.rank == 0:
+                lora.save_adapter(adapters, self.lora, out)
+                self._copy_tokenizer_files(out)
+        if self.lora is None or self.args.merge:
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.rank == 0:
+                if self.lora is not None:
+                    state = lora.merged_state(state, lora.resolved_alpha(self.args) / self.args.lora_rank)
+                    out = os.path.join(out, lora.MERGED_DIR)
+                    os.makedirs(out, exist_ok=True)
+                with open(os.path.join(self.args.model, "config.json")) as f:
+                    given = json.load(f)
+                save_hf_checkpoint(state, self.config, out, dtype=self.config.torch_dtype or torch.float32, keep=given)
+                self._copy_tokenizer_files(out)
+            del state
         dist.barrier()
+
+    def _copy_tokenizer_files(self, out: str) -> None:
+        for name in _COPIED_FILES:
+            if os.path.isfile(os.path.join(self.args.model, name)):
+                shutil.copy2(os.path.join(self.args.model, name), os.path.join(out, name))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
