@@ -7,7 +7,8 @@ bound of row tiles that depends only on shapes, ``cdiv(N*k, BLOCK_M) + min(E, N*
 wastes less than one tile), and each program finds its expert and rows from ``offsets`` on the
 device; programs past the last expert's rows exit at once, so an expert with no token costs one
 early exit per tile slot. Nothing reads a device value on the host, so a decode step can be
-captured in a CUDA graph.
+captured in a CUDA graph. The column blocks of one row tile are neighbouring programs (grid axis 0),
+so the gathered rows are read from HBM about once and stay in L2 while the expert's weights stream.
 
 Forward (``moe_experts``), with ``x`` gathered token rows of hidden in sorted order:
   1. ``_moe_gate_up_kernel``: ``[g; u] = x @ gate_up[e]^T``, SwiGLU in the epilogue -> act (N*k, I)
@@ -71,13 +72,13 @@ def _moe_gate_up_kernel(X, W, ORDER, OFFSETS, ACT, PRE, E, H, I, stride_x, strid
     """For sorted rows p of expert e (token t = order[p] // k): ``g = x[t] @ W[e, :I]^T``,
     ``u = x[t] @ W[e, I:]^T`` in fp32, ``act[p] = g * sigmoid(g) * u`` rounded once; with SAVE_PRE
     also ``pre[p] = [g; u]`` (rounded) for the backward."""
-    expert, row_lo, row_hi = _expert_tile(OFFSETS, tl.program_id(0), E, BLOCK_M, BLOCK_E)
+    expert, row_lo, row_hi = _expert_tile(OFFSETS, tl.program_id(1), E, BLOCK_M, BLOCK_E)
     if row_lo >= row_hi:
         return
     rows = row_lo + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
     token = (tl.load(ORDER + rows, mask=row_ok, other=0) // TOP_K).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = X + token[:, None] * stride_x + ks[None, :]
@@ -110,12 +111,12 @@ def _moe_grouped_kernel(A, W, OFFSETS, C, E, K, N, stride_a, stride_we, stride_w
                         DOT_PRECISION: tl.constexpr):
     """For sorted rows p of expert e: ``C[p, n] = sum_k A[p, k] * W[e, k, n]`` (W read through its
     strides: ``down[e]^T`` in the forward, ``gate_up[e]`` in the backward), fp32, rounded once."""
-    expert, row_lo, row_hi = _expert_tile(OFFSETS, tl.program_id(0), E, BLOCK_M, BLOCK_E)
+    expert, row_lo, row_hi = _expert_tile(OFFSETS, tl.program_id(1), E, BLOCK_M, BLOCK_E)
     if row_lo >= row_hi:
         return
     rows = row_lo + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = A + rows.to(tl.int64)[:, None] * stride_a + ks[None, :]
@@ -160,14 +161,14 @@ def _moe_dact_kernel(DOUT, W, ORDER, OFFSETS, WEIGHTS, PRE, DPRE, DW_PART, E, H,
     then ``dw_part[p, block] = sum_i d * act`` over this column block (d w[s] = dout[t] . y[p]),
     ``dact = w * d`` and the SwiGLU backward with ``s = sigmoid(g)``: ``du = dact * g * s``,
     ``dg = dact * u * s * (1 + g * (1 - s))`` -> ``dpre[p] = [dg; du]``."""
-    expert, row_lo, row_hi = _expert_tile(OFFSETS, tl.program_id(0), E, BLOCK_M, BLOCK_E)
+    expert, row_lo, row_hi = _expert_tile(OFFSETS, tl.program_id(1), E, BLOCK_M, BLOCK_E)
     if row_lo >= row_hi:
         return
     rows = row_lo + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
     slot = tl.load(ORDER + rows, mask=row_ok, other=0)
     token = (slot // TOP_K).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = DOUT + token[:, None] * stride_dout + ks[None, :]
@@ -186,7 +187,7 @@ def _moe_dact_kernel(DOUT, W, ORDER, OFFSETS, WEIGHTS, PRE, DPRE, DW_PART, E, H,
     u = tl.load(PRE + r64 * stride_pre + I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(g)
     act = (g * s * u).to(PRE.dtype.element_ty).to(tl.float32)  # as the forward stored it
-    tl.store(DW_PART + rows.to(tl.int64) * stride_dw + tl.program_id(1), tl.sum(acc * act, 1), mask=row_ok)
+    tl.store(DW_PART + rows.to(tl.int64) * stride_dw + tl.program_id(0), tl.sum(acc * act, 1), mask=row_ok)
     weight = tl.load(WEIGHTS + slot, mask=row_ok, other=0.0).to(tl.float32)
     dact = acc * weight[:, None]
     tl.store(DPRE + r64 * stride_dpre + cols[None, :], (dact * u * s * (1 + g * (1 - s))).to(DPRE.dtype.element_ty),
@@ -363,7 +364,11 @@ def _two_tile_meta(meta: dict) -> dict:
 def _tile_slots(rows: int, experts: int, block_m: int) -> int:
     """An upper bound on the row tiles the experts need, from shapes only: each expert's last tile is
     at most one more than its share of ``cdiv(rows, block_m)``, and at most ``rows`` experts have a row."""
-    return triton.cdiv(rows, block_m) + min(experts, rows)
+    slots = triton.cdiv(rows, block_m) + min(experts, rows)
+    if slots > 65535:  # the tile slots are the grid's y dimension
+        raise ValueError(f"moe_experts: {rows} (token, expert) rows in {block_m}-row tiles need {slots} tile slots, "
+                         "more than a CUDA grid's y dimension holds (65535)")
+    return slots
 
 
 def routing(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -415,11 +420,11 @@ def moe_experts_forward(hidden: torch.Tensor, expert_ids: torch.Tensor, weights:
     act = torch.empty((M, I), dtype=dtype, device=device)
     pre_arg = pre if save_pre else act
     half = _two_tile_meta(meta)
-    _moe_gate_up_kernel[(slots, triton.cdiv(I, half["BLOCK_N"]))](
+    _moe_gate_up_kernel[(triton.cdiv(I, half["BLOCK_N"]), slots)](
         x, gu, order, offsets, act, pre_arg, E, H, I, x.stride(0), gu.stride(0), gu.stride(1), gu.stride(2),
         act.stride(0), pre_arg.stride(0), TOP_K=top_k, SAVE_PRE=save_pre, **half)
     y = torch.empty((M, H), dtype=dtype, device=device)
-    _moe_grouped_kernel[(slots, triton.cdiv(H, cfg["BLOCK_N"]))](
+    _moe_grouped_kernel[(triton.cdiv(H, cfg["BLOCK_N"]), slots)](
         act, dn, offsets, y, E, I, H, act.stride(0), dn.stride(0), dn.stride(2), dn.stride(1), y.stride(0), **meta)
     block, warps = _sum_block(H)
     _moe_gather_sum_kernel[(N, triton.cdiv(H, block))](y, pos, w, out, H, y.stride(0), out.stride(0), TOP_K=top_k,
@@ -458,14 +463,14 @@ def moe_experts_backward(dout: torch.Tensor, hidden: torch.Tensor, weights: torc
     col_blocks = triton.cdiv(I, half["BLOCK_N"])
     dpre = torch.empty((M, 2 * I), dtype=dtype, device=device)
     dw_part = torch.empty((M, col_blocks), dtype=torch.float32, device=device)
-    _moe_dact_kernel[(slots, col_blocks)](
+    _moe_dact_kernel[(col_blocks, slots)](
         g, down, order, offsets, w, pre, dpre, dw_part, E, H, I, g.stride(0), down.stride(0), down.stride(1),
         down.stride(2), pre.stride(0), dpre.stride(0), dw_part.stride(0), TOP_K=top_k, **half)
     if need_weights:
         dweights.copy_(dw_part.sum(1)[pos.long()].view(N, top_k))
     if need_hidden:
         dx = torch.empty((M, H), dtype=dtype, device=device)
-        _moe_grouped_kernel[(slots, triton.cdiv(H, cfg["BLOCK_N"]))](
+        _moe_grouped_kernel[(triton.cdiv(H, cfg["BLOCK_N"]), slots)](
             dpre, gate_up, offsets, dx, E, 2 * I, H, dpre.stride(0), gate_up.stride(0), gate_up.stride(1),
             gate_up.stride(2), dx.stride(0), **meta)
         block, warps = _sum_block(H)
