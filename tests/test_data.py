@@ -46,7 +46,9 @@ def test_read_jsonl_reads_chat_and_text_and_counts_truncation(tokenizer, tmp_pat
     assert data.labels[1] == data.tokens[1] and data.tokens[2][-1] == tokenizer.token_to_id("<|endoftext|>")
     assert data.truncated == sum(len(x) > 30 for x in (chat_ids, tokenizer.encode(text) + [0])) == 2
     batches = list(pack_examples(data.tokens, max_tokens=64, labels=data.labels))
-    assert sum(b.input_ids.numel() for b in batches) == sum(map(len, data.tokens))
+    assert sum(b.input_ids.numel() for b in batches) == sum(map(len, data.tokens)) == data.num_tokens
+    assert sum(int((b.labels != -100).sum()) for b in batches) == data.num_trained_tokens
+    assert data.lengths.tolist() == [len(t) for t in data.tokens]
 
 
 @pytest.mark.parametrize("line, message", [

@@ -101,8 +101,11 @@ def test_every_format_gives_the_jsonl_examples(tokenizer, tmp_path):
         assert isinstance(examples, TokenizedExamples) and len(examples) == len(RECORDS), name
         assert _lists(examples) == expected, name
         assert examples.num_tokens == sum(map(len, expected[0])) == int(examples.lengths.sum()), name
+        assert list(examples.lengths) == list(map(len, expected[0])), name
+        assert examples.num_trained_tokens == sum(sum(t != IGNORE for t in labels[1:]) for labels in expected[1])
     batches = list(pack_examples(examples.tokens, max_tokens=128, labels=examples.labels))
     assert sum(b.input_ids.numel() for b in batches) == examples.num_tokens
+    assert sum(int((b.labels != IGNORE).sum()) for b in batches) == examples.num_trained_tokens
 
 
 def test_text_parts_read_as_their_text_in_every_json_form(tokenizer, tmp_path):
@@ -123,7 +126,8 @@ def test_prompt_completion_strings_train_on_the_completion(tokenizer, tmp_path):
         prompt, completion = tokenizer.encode(pair["prompt"]), tokenizer.encode(pair["completion"]) + [end]
         assert examples.tokens[i] == prompt + completion
         assert examples.labels[i] == [IGNORE] * len(prompt) + completion
-    assert examples.num_trained_tokens == sum(len(tokenizer.encode(p["completion"])) + 1 for p in pairs)
+    # packing never trains an example's first token: the second example's prompt is empty
+    assert examples.num_trained_tokens == sum(len(tokenizer.encode(p["completion"])) + 1 for p in pairs) - 1
 
 
 def test_prompt_completion_chat_equals_the_conversation_trained_on_the_completion(tokenizer, tmp_path):

@@ -44,10 +44,22 @@ _FILES = {"tokens": ("tokens.bin", np.int32), "labels": ("labels.bin", np.int32)
 
 class Examples(NamedTuple):
     """Tokenised fine-tuning examples held in memory: ``tokens[i]`` and ``labels[i]`` (-100 where not
-    trained on)."""
+    trained on); ``lengths``, ``num_tokens`` and ``num_trained_tokens`` as ``TokenizedExamples`` has them."""
     tokens: list[list[int]]
     labels: list[list[int]]
     truncated: int  # how many examples were cut to ``max_len`` tokens
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(t) for t in self.tokens], dtype=np.int64)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def num_trained_tokens(self) -> int:
+        return sum(sum(1 for label in labels[1:] if label != IGNORE_INDEX) for labels in self.labels)
 
 
 class ExampleColumn:
@@ -73,8 +85,10 @@ class ExampleColumn:
 
 class TokenizedExamples:
     """Examples read from a tokenised directory (see the module's docstring) through memory maps:
-    ``tokens[i]``, ``labels[i]``, ``len(...)``, ``truncated``, ``num_tokens``, ``num_trained_tokens``,
-    ``lengths`` (an int64 array), ``directory``."""
+    ``tokens[i]``, ``labels[i]`` (lists of ints), ``len(...)``, ``truncated`` (examples cut to
+    ``max_len``), ``num_tokens``, ``num_trained_tokens`` (labels other than -100 after each example's
+    first token, which packing never trains on: what the loss averages over in an epoch), ``lengths``
+    (an int64 array of the examples' token counts), ``directory``."""
 
     def __init__(self, directory: str, meta: dict, remove_when_done: str | None = None):
         self.directory = directory
@@ -273,7 +287,9 @@ def _build(path: str, fmt: str, tokenizer, max_len: int, workers: int, directory
             counts["labels"] += len(labels)
             counts["offsets"] += len(lengths)
             totals["examples"] += len(lengths)
-            totals["trained_tokens"] += int(np.count_nonzero(labels != IGNORE_INDEX))
+            firsts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            totals["trained_tokens"] += int(np.count_nonzero(labels != IGNORE_INDEX)
+                                            - np.count_nonzero(labels[firsts] != IGNORE_INDEX))
             totals["truncated"] += truncated
             if progress is not None:
                 progress(totals["examples"])
