@@ -4,9 +4,11 @@ and labels; TRL's prompt/completion records train on the completion only; worker
 nothing; the token cache is reused, invalidated by a changed file, and never read half-written; bad
 paths and records are errors naming them."""
 
+import concurrent.futures
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -202,6 +204,35 @@ def test_the_cache_is_reused_and_a_changed_file_is_tokenised_again(tokenizer, tm
         read_examples(jsonl, _Untouchable(tokenizer), MAX_LEN, cache_dir=cache)
     changed = read_examples(jsonl, tokenizer, MAX_LEN, cache_dir=cache)
     assert changed.directory != first.directory and _lists(changed)[0] == _lists(first)[0][1:]
+
+
+class _Counting:
+    """The tokenizer, counting the records it encodes (slowly, so that concurrent callers overlap)."""
+
+    def __init__(self, tokenizer):
+        self._tok, self.eos_token, self.pad_token = tokenizer._tok, tokenizer.eos_token, tokenizer.pad_token
+        self.token_to_id, self.inner, self.calls = tokenizer.token_to_id, tokenizer, 0
+
+    def encode(self, text):
+        self.calls += 1
+        time.sleep(0.01)
+        return self.inner.encode(text)
+
+    def encode_chat(self, messages):
+        self.calls += 1
+        time.sleep(0.01)
+        return self.inner.encode_chat(messages)
+
+
+def test_concurrent_callers_build_the_cache_once(tokenizer, tmp_path):
+    """The ranks of a run share the cache directory: one tokenises, the others wait and read."""
+    jsonl = _write_jsonl(tmp_path / "data.jsonl", RECORDS)
+    counting = _Counting(tokenizer)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: read_examples(jsonl, counting, MAX_LEN, cache_dir=tmp_path / "c"), range(3)))
+    assert counting.calls == len(RECORDS)  # one pass over the records
+    assert {r.directory for r in results} == {results[0].directory}
+    assert all(_lists(r) == _lists(read_jsonl(jsonl, tokenizer, MAX_LEN)) for r in results)
 
 
 @pytest.mark.parametrize("damage", ["no meta", "short tokens", "other key", "not json"])
