@@ -160,6 +160,30 @@ def test_an_interrupted_lora_run_resumes_exactly(checkpoint, data, tmp_path, mon
         torch.testing.assert_close(_adapter(resumed)[name], weight, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_activation_checkpointing_recomputes_the_same_dropout(checkpoint, data, tmp_path):
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    options = ("--steps", "2", *LORA, "--lora-dropout", "0.2")
+    assert _train(checkpoint, data, plain, *options) == 0
+    assert _train(checkpoint, data, recomputed, *options, "--activation-checkpointing") == 0
+    assert [m["loss"] for m in _metrics(recomputed)] == pytest.approx([m["loss"] for m in _metrics(plain)], rel=1e-6)
+    for name, weight in _adapter(plain).items():
+        torch.testing.assert_close(_adapter(recomputed)[name], weight, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_lora_run_over_a_full_run_leaves_no_full_model(checkpoint, data, tmp_path):
+    """--overwrite: the earlier run's exported model goes, so the adapter is all the model there is;
+    the other way round, the adapter goes."""
+    out = tmp_path / "out"
+    assert _train(checkpoint, data, out, "--steps", "1") == 0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert _train(checkpoint, data, out, "--steps", "1", *LORA, "--overwrite") == 0
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["inference_mode"] is True
+    assert _train(checkpoint, data, out, "--steps", "1", "--overwrite") == 0
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    assert (out / "model.safetensors").is_file()
+
+
 def test_the_checkpoint_holds_the_adapters_not_the_base(checkpoint, data, tmp_path):
     import torch.distributed.checkpoint as dcp
     out = tmp_path / "out"

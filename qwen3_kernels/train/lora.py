@@ -10,6 +10,7 @@ LoRA goes on the attention projections only."""
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 
@@ -121,7 +122,9 @@ def save_adapter(state: dict[str, torch.Tensor], config, out: str) -> None:
     """``adapter_config.json`` and ``adapter_model.safetensors`` (fp32, as trained) in ``out``: what
     ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)`` loads."""
     from safetensors.torch import save_file
-    config.save_pretrained(out)
+    saved = copy.copy(config)
+    saved.inference_mode = True  # as PEFT saves a trained adapter
+    saved.save_pretrained(out)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in adapter_tensors(state).items()}
     save_file(tensors, os.path.join(out, ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
