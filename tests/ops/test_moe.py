@@ -256,3 +256,21 @@ def test_bad_inputs_are_named(backend):
         impl.moe_route(torch.randn(3, 4), 5)
     with pytest.raises(ValueError, match=r"router_logits must be \(tokens, experts\)"):
         impl.moe_route(torch.randn(3), 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_range_expert_ids_contribute_nothing(device):
+    """On the GPU the ids are not read on the host (no sync), so an id outside [0, E) is not an error
+    there: its slot adds nothing and gets no gradient (rows no GEMM wrote are never read)."""
+    moe = _moe()
+    hidden, ids, w, gate_up, down = _inputs(11, 32, 16, 4, 2, torch.float32, device)
+    bad = ids.clone()
+    bad[3, 1], bad[7, 0] = 4, -1
+    out, pre, order, pos, offsets = moe.moe_experts_forward(hidden, bad, w, gate_up, down, True)
+    keep = torch.ones_like(w)
+    keep[3, 1] = keep[7, 0] = 0
+    expected = reference.moe_experts(hidden, ids, w * keep, gate_up, down)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grads = moe.moe_experts_backward(torch.ones_like(out), hidden, w, gate_up, down, pre, order, pos, offsets)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert grads[1][3, 1] == 0 and grads[1][7, 0] == 0

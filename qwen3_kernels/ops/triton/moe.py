@@ -134,17 +134,21 @@ def _moe_grouped_kernel(A, W, OFFSETS, C, E, K, N, stride_a, stride_we, stride_w
 
 
 @triton.jit
-def _moe_gather_sum_kernel(Y, POS, WEIGHTS, OUT, H, stride_y, stride_out, TOP_K: tl.constexpr,
+def _moe_gather_sum_kernel(Y, POS, OFFSETS, WEIGHTS, OUT, E, H, stride_y, stride_out, TOP_K: tl.constexpr,
                            WEIGHTED: tl.constexpr, BLOCK: tl.constexpr):
     """``out[n] = sum_j w[n, j] * y[pos[n, j]]`` (w = 1 unless WEIGHTED), in fp32, rounded once; the
-    k rows are read in slot order, so the sum is the same on every run."""
+    k rows are read in slot order, so the sum is the same on every run. A slot whose sorted row lies
+    outside ``[offsets[0], offsets[E])`` (an expert id outside [0, E), which no GEMM computed)
+    adds nothing."""
     n = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
+    first, end = tl.load(OFFSETS), tl.load(OFFSETS + E)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        p = tl.load(POS + n * TOP_K + j).to(tl.int64)
-        y = tl.load(Y + p * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(POS + n * TOP_K + j)
+        y = tl.load(Y + p.to(tl.int64) * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.where((p >= first) & (p < end), y, 0.0)  # a select: whatever an unwritten row holds is dropped
         if WEIGHTED:
             y = y * tl.load(WEIGHTS + n * TOP_K + j).to(tl.float32)
         acc += y
@@ -398,7 +402,9 @@ def _sum_block(hidden: int) -> tuple[int, int]:
 def moe_experts_forward(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                         gate_up: torch.Tensor, down: torch.Tensor, save_pre: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out (N, H), pre (N*k, 2I) sorted or empty, order, pos, offsets)."""
+    """(out (N, H), pre (N*k, 2I) sorted or empty, order, pos, offsets). An expert id outside [0, E)
+    (which ``_checks`` raises on for CPU tensors, where reading the ids is free) contributes nothing
+    to its token's output and gets zero gradients, instead of reading rows no kernel wrote."""
     N, H = hidden.shape
     top_k = expert_ids.shape[1]
     E, I = gate_up.shape[0], gate_up.shape[1] // 2
@@ -427,8 +433,8 @@ def moe_experts_forward(hidden: torch.Tensor, expert_ids: torch.Tensor, weights:
     _moe_grouped_kernel[(triton.cdiv(H, cfg["BLOCK_N"]), slots)](
         act, dn, offsets, y, E, I, H, act.stride(0), dn.stride(0), dn.stride(2), dn.stride(1), y.stride(0), **meta)
     block, warps = _sum_block(H)
-    _moe_gather_sum_kernel[(N, triton.cdiv(H, block))](y, pos, w, out, H, y.stride(0), out.stride(0), TOP_K=top_k,
-                                                       WEIGHTED=True, BLOCK=block, num_warps=warps)
+    _moe_gather_sum_kernel[(N, triton.cdiv(H, block))](y, pos, offsets, w, out, E, H, y.stride(0), out.stride(0),
+                                                       TOP_K=top_k, WEIGHTED=True, BLOCK=block, num_warps=warps)
     return out, pre, order, pos, offsets
 
 
@@ -462,7 +468,7 @@ def moe_experts_backward(dout: torch.Tensor, hidden: torch.Tensor, weights: torc
     half = _two_tile_meta(meta)
     col_blocks = triton.cdiv(I, half["BLOCK_N"])
     dpre = torch.empty((M, 2 * I), dtype=dtype, device=device)
-    dw_part = torch.empty((M, col_blocks), dtype=torch.float32, device=device)
+    dw_part = torch.zeros((M, col_blocks), dtype=torch.float32, device=device)  # rows no GEMM owns stay 0
     _moe_dact_kernel[(col_blocks, slots)](
         g, down, order, offsets, w, pre, dpre, dw_part, E, H, I, g.stride(0), down.stride(0), down.stride(1),
         down.stride(2), pre.stride(0), dpre.stride(0), dw_part.stride(0), TOP_K=top_k, **half)
@@ -474,8 +480,9 @@ def moe_experts_backward(dout: torch.Tensor, hidden: torch.Tensor, weights: torc
             dpre, gate_up, offsets, dx, E, 2 * I, H, dpre.stride(0), gate_up.stride(0), gate_up.stride(1),
             gate_up.stride(2), dx.stride(0), **meta)
         block, warps = _sum_block(H)
-        _moe_gather_sum_kernel[(N, triton.cdiv(H, block))](dx, pos, w, dhidden, H, dx.stride(0), dhidden.stride(0),
-                                                           TOP_K=top_k, WEIGHTED=False, BLOCK=block, num_warps=warps)
+        _moe_gather_sum_kernel[(N, triton.cdiv(H, block))](dx, pos, offsets, w, dhidden, E, H, dx.stride(0),
+                                                           dhidden.stride(0), TOP_K=top_k, WEIGHTED=False,
+                                                           BLOCK=block, num_warps=warps)
     wcfg = wgrad_config(arch, dtype)
     wmeta = dict(TOP_K=top_k, DOT_PRECISION=_dot_precision(dtype), **wcfg)
     bn, bk = wcfg["BLOCK_N"], wcfg["BLOCK_K"]
