@@ -212,6 +212,29 @@ def test_compiles_with_fullgraph():
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="30B-A3B shapes need a GPU")
+@pytest.mark.parametrize("tokens", [16, 512, 4096])  # the decode, mid-size and prefill tiles
+def test_30b_a3b_shapes_bf16_on_gpu(tokens):
+    """fp32 stands in for float64 at these sizes: every tile config on real shapes, under the rule."""
+    moe = _moe()
+    H, I, E, k = 2048, 768, 128, 8
+    hidden = rand(tokens, H, dtype=torch.bfloat16, device="cuda", seed=1).requires_grad_()
+    gate_up = rand(E, 2 * I, H, dtype=torch.bfloat16, device="cuda", seed=2, scale=H ** -0.5).requires_grad_()
+    down = rand(E, H, I, dtype=torch.bfloat16, device="cuda", seed=3, scale=I ** -0.5).requires_grad_()
+    w32, ids = reference.moe_route(rand(tokens, E, device="cuda", seed=4), k)
+    w = w32.to(torch.bfloat16).requires_grad_()
+    leaves = (hidden, w, gate_up, down)
+    out, eager = moe.moe_experts(hidden, ids, w, gate_up, down), reference.moe_experts(hidden, ids, w, gate_up, down)
+    leaves32 = [t.detach().float().requires_grad_() for t in leaves]
+    exact = reference.moe_experts(leaves32[0], ids, *leaves32[1:])
+    assert_within_rule(out, eager, exact, 2, atol(torch.bfloat16, exact), "out")
+    dout = rand(tokens, H, dtype=torch.bfloat16, device="cuda", seed=5)
+    for name, g, ge, g32 in zip(("d hidden", "d weights", "d gate_up", "d down"),
+                                torch.autograd.grad(out, leaves, dout), torch.autograd.grad(eager, leaves, dout),
+                                torch.autograd.grad(exact, leaves32, dout.float())):
+        assert_within_rule(g, ge, g32, 3, atol(torch.bfloat16, g32), name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_decode_step_is_cuda_graph_capturable():
     """No host sync in the routing: one token's block is captured once, and replays with other
