@@ -96,10 +96,15 @@ def test_the_adapter_loads_in_peft_with_the_logits_of_our_merged_model(checkpoin
         torch.testing.assert_close(merged(ids), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_frozen_base_is_unchanged(checkpoint, data, tmp_path):
+def test_the_frozen_base_is_unchanged(checkpoint, data, tmp_path, monkeypatch):
     """--merge's checkpoint holds the base's weights where no adapter is, bit for bit, and base + B A
-    on the adapted projections."""
+    on the adapted projections. The q/k/v projections, one with an adapter, run one by one; gate and
+    up, plain Linears, still as one packed GEMM."""
     from safetensors.torch import load_file
+
+    from qwen3_kernels.ops import reference
+    packed, packed_linear = [], reference.packed_linear
+    monkeypatch.setattr(reference, "packed_linear", lambda x, w, *a: packed.append(len(w)) or packed_linear(x, w, *a))
     out = tmp_path / "out"
     assert _train(checkpoint, data, out, "--steps", "2", *LORA, "--lora-targets", "q_proj,down_proj", "--merge") == 0
     before, after = load_file(checkpoint / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
@@ -115,6 +120,7 @@ def test_the_frozen_base_is_unchanged(checkpoint, data, tmp_path):
         else:
             assert torch.equal(after[name], weight), name
     assert adapted == 2 * QWEN.from_pretrained(checkpoint).config.num_layers
+    assert packed and set(packed) == {2}
 
 
 def test_lora_on_two_ranks_matches_one_process(checkpoint, data, tmp_path):
@@ -239,3 +245,24 @@ def test_resuming_with_other_lora_options_is_refused(checkpoint, data, tmp_path,
     assert _train(checkpoint, data, out, "--steps", "2", "--lora-rank", "8", "--resume") == 1
     err = capsys.readouterr().err
     assert "--lora-rank 4 -> 8" in err and "--lora-alpha 8.0 -> 16.0" in err
+
+
+def test_the_fused_loss_computes_no_gradient_for_the_frozen_head(checkpoint, data, tmp_path, monkeypatch,
+                                                                 triton_everywhere):
+    """Through the Triton kernels (the interpreter on the CPU): the linear cross-entropy's backward is
+    asked for the hidden states' gradient only, never the frozen (tied) head's, and the packed q/k/v
+    and gate/up GEMM gives way to the LoRA layers' own forwards."""
+    from qwen3_kernels import ops
+    from qwen3_kernels.ops.triton import cross_entropy
+    asked, packed = [], []
+    backward, packed_linear = cross_entropy.linear_cross_entropy_backward, ops.packed_linear
+
+    def spy_backward(*args):
+        asked.append(args[-2:])  # (need_hidden, need_weight)
+        return backward(*args)
+
+    monkeypatch.setattr(cross_entropy, "linear_cross_entropy_backward", spy_backward)
+    monkeypatch.setattr(ops, "packed_linear", lambda x, w, *a: packed.append(len(w)) or packed_linear(x, w, *a))
+    assert _train(checkpoint, data, tmp_path / "out", "--steps", "1", *LORA, "--fused") == 0
+    assert asked and set(asked) == {(True, False)}
+    assert not packed
