@@ -408,9 +408,9 @@ class Trainer:
         adapter_model.safetensors), and with --merge also the base with the adapter merged, as a full
         checkpoint in ``out/merged``."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        if self.lora is not None:
-            adapters = get_model_state_dict(self.model, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        if self.lora is not None:  # the adapters gathered whole (every rank, in the same order), nothing else
+            adapters = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                        for name, p in self.model.named_parameters() if p.requires_grad}
             if self.rank == 0:
                 lora.save_adapter(adapters, self.lora, out)
                 self._copy_tokenizer_files(out)
