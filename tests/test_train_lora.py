@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_train import STEPS, _metrics, _torchrun_2_ranks, _train, checkpoint, data  # noqa: F401
 from test_train_moe import moe_checkpoint  # noqa: F401
+from test_train_options import _direct_eval_loss, eval_data  # noqa: F401
 
 from qwen3_kernels import QWEN, train
 
@@ -164,6 +165,15 @@ def test_an_interrupted_lora_run_resumes_exactly(checkpoint, data, tmp_path, mon
     assert [m["loss"] for m in _metrics(resumed)] == pytest.approx([m["loss"] for m in _metrics(whole)], rel=1e-6)
     for name, weight in _adapter(whole).items():
         torch.testing.assert_close(_adapter(resumed)[name], weight, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_the_eval_loss_is_the_merged_models_without_dropout(checkpoint, data, eval_data, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    assert _train(checkpoint, data, out, "--steps", "2", *LORA, "--lora-dropout", "0.5", "--eval-data", str(eval_data),
+                  "--merge") == 0
+    loss, count = _direct_eval_loss(out / "merged", eval_data)
+    assert _metrics(out)[-1]["eval_tokens"] == count
+    assert _metrics(out)[-1]["eval_loss"] == pytest.approx(loss, rel=1e-5)
 
 
 def test_activation_checkpointing_recomputes_the_same_dropout(checkpoint, data, tmp_path):
