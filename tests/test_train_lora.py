@@ -276,3 +276,12 @@ def test_the_fused_loss_computes_no_gradient_for_the_frozen_head(checkpoint, dat
     assert _train(checkpoint, data, tmp_path / "out", "--steps", "1", *LORA, "--fused") == 0
     assert asked and set(asked) == {(True, False)}
     assert not packed
+
+
+def test_lora_without_peft_is_one_line(checkpoint, data, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    assert _train(checkpoint, data, tmp_path / "out", "--steps", "1", *LORA) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --lora-rank: LoRA runs through PEFT, which is not installed (pip install peft)", err

@@ -74,6 +74,9 @@ def _check_lora(args) -> None:
     """The LoRA options mean something only with --lora-rank; the targets must be projections LoRA can
     wrap in this model."""
     if args.lora_rank:
+        import importlib.util
+        if importlib.util.find_spec("peft") is None:
+            raise ImportError("--lora-rank: LoRA runs through PEFT, which is not installed (pip install peft)")
         _lora_targets(args)
         return
     given = [flag for flag, value in (("--lora-alpha", args.lora_alpha), ("--lora-dropout", args.lora_dropout or None),
