@@ -285,3 +285,15 @@ def test_lora_without_peft_is_one_line(checkpoint, data, tmp_path, capsys, monke
     assert _train(checkpoint, data, tmp_path / "out", "--steps", "1", *LORA) == 1
     err = capsys.readouterr().err.strip()
     assert err == "error: --lora-rank: LoRA runs through PEFT, which is not installed (pip install peft)", err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lora-rank", "-1", "must be an integer >= 0, got -1"),
+    ("--lora-alpha", "0", "must be a finite number > 0, got 0.0"),
+    ("--lora-dropout", "1", "must be in [0, 1), got 1.0"),
+])
+def test_bad_lora_values_are_refused_on_the_command_line(checkpoint, data, tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _train(checkpoint, data, tmp_path / "out", flag, value)
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
