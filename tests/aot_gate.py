@@ -364,8 +364,9 @@ MOE_CHUNK_TOKENS = 2048  # a prompt chunk or a short training batch: the mid-siz
 def moe_workloads(arch: int):
     """Every MoE launch in every kernel dtype: the router and the experts at an 8k-token prefill (no
     gradients) and training step (forward keeping the pre-activations, then the whole backward), the
-    same at 2k tokens (the mid-size tiles), and decode batches 1/8/64 (the small-row tiles). Tags contain "moe": ``python tests/aot_gate.py 90 moe``
-    compiles only these."""
+    same at 2k tokens (the mid-size tiles), and decode batches 1/8/64 (the small-row tiles), each
+    with every row-tile candidate the tuner may pick (``gemm_candidates``). Tags contain "moe":
+    ``python tests/aot_gate.py 90 moe`` compiles only these."""
     from qwen3_kernels.ops.triton import moe
 
     for dtype, (name, C, inter, E, top_k) in itertools.product(DTYPES, MOE_SHAPES):
@@ -380,9 +381,13 @@ def moe_workloads(arch: int):
                 weights, ids = moe.moe_route_forward(logits, top_k, True)
                 hidden, gate_up, down = _meta(T, C, dtype=dtype), _meta(E, 2 * inter, C, dtype=dtype), \
                     _meta(E, C, inter, dtype=dtype)
-                out, pre, order, pos, offsets = moe.moe_experts_forward(hidden, ids, weights, gate_up, down, train)
+                for cfg in moe.gemm_candidates(arch, T * top_k, E, dtype):  # the default, then the tuner's others
+                    out, pre, order, pos, offsets = moe.moe_experts_forward(hidden, ids, weights, gate_up, down, train,
+                                                                            config=cfg)
+                    if train:
+                        moe.moe_experts_backward(out, hidden, weights, gate_up, down, pre, order, pos, offsets,
+                                                 config=cfg)
                 if train:
-                    moe.moe_experts_backward(out, hidden, weights, gate_up, down, pre, order, pos, offsets)
                     moe.moe_route_backward(weights, logits, ids, True)
 
             yield tag, block

@@ -161,6 +161,56 @@ def test_decode_and_prefill_configs():
         assert moe.gemm_config(arch, 65536, 128, torch.bfloat16)["BLOCK_M"] == 128  # 8k-token prefill
 
 
+def test_tuner_ranks_tiles_and_the_backward_reuses_the_choice(monkeypatch, tmp_path):
+    """sm_90's decode-class candidates on the interpreter (``simulated_gpu``) with a fake clock: the
+    fastest agreeing one is chosen once, remembered, served to the backward, and computes within
+    the rule; while a graph is captured (lookup) nothing is timed."""
+    from qwen3_kernels.ops.triton import _common, attention, tuning
+    moe = _moe()
+    monkeypatch.setenv(tuning.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(tuning.LOG_ENV, raising=False)
+    tuning.forget()
+    monkeypatch.setattr(attention, "_tuning_mode", lambda device: "tune")
+    N, H, I, E, k = 24, 64, 48, 4, 2  # 12 rows per expert: the 16-row class
+    names = [moe.config_name(c) for c in moe.gemm_candidates(90, N * k, E, torch.float16)]
+    assert len(names) == 3
+    launched, timed = [], []
+    forward_gemms = moe._forward_gemms
+
+    def spy(cfg, *args):
+        launched.append(moe.config_name(cfg))
+        return forward_gemms(cfg, *args)
+
+    def clock(run):
+        run()
+        timed.append(launched[-1])
+        return {names[2]: 1.0}.get(launched[-1], 5.0)
+
+    monkeypatch.setattr(moe, "_forward_gemms", spy)
+    monkeypatch.setattr(moe, "_measure", clock)
+    try:
+        with _common.simulated_gpu(90, 4):
+            _check_experts(N, H, I, E, k, torch.float16, "cpu", hot=0)
+            assert sorted(timed) == sorted(names) and launched[-1] == names[2]
+            chosen = moe.tuned_gemm_config(torch.device("cpu"), torch.float16, H, I, E, k, N * k)
+            assert moe.config_name(chosen) == names[2]  # what the backward used
+            timed.clear()
+            _check_experts(N, H, I, E, k, torch.float16, "cpu", hot=0)
+            assert timed == [] and launched[-1] == names[2]  # remembered: nothing timed again
+            monkeypatch.setattr(attention, "_tuning_mode", lambda device: "lookup")
+
+            def looked_up():
+                return moe.config_name(moe.tuned_gemm_config(torch.device("cpu"), torch.float16, H, I, E, k, N * k))
+
+            tuning.forget()
+            assert looked_up() == names[2]  # read back from the cache file, as a new process would
+            monkeypatch.setenv(tuning.CACHE_DIR_ENV, str(tmp_path / "empty"))
+            tuning.forget()
+            assert looked_up() == names[0] and timed == []  # nothing remembered: the default, nothing timed
+    finally:
+        tuning.forget()
+
+
 # ---- router ----
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .. import _checks
+from . import attention, tuning
 from ._common import device_arch, on_tensor_device, unit_stride, warps_for
 
 
@@ -275,7 +276,8 @@ def _moe_route_fwd_kernel(LOGITS, WEIGHTS, IDS, E, stride_l, TOP_K: tl.constexpr
     for j in tl.static_range(TOP_K):
         idx = _next_largest(x, ok & ~taken, e, BLOCK_E)
         tl.store(IDS + row * TOP_K + j, idx.to(tl.int64))
-        tl.store(WEIGHTS + row * TOP_K + j, (tl.sum(tl.where(e == idx, p, 0.0), 0) / total).to(WEIGHTS.dtype.element_ty))
+        weight = tl.sum(tl.where(e == idx, p, 0.0), 0) / total
+        tl.store(WEIGHTS + row * TOP_K + j, weight.to(WEIGHTS.dtype.element_ty))
         taken = taken | (e == idx)
 
 
@@ -348,6 +350,68 @@ def gemm_config(arch: int, rows: int, experts: int, dtype: torch.dtype) -> dict:
     return cfg
 
 
+def gemm_candidates(arch: int, rows: int, experts: int, dtype: torch.dtype) -> list[dict]:
+    """What the tuner ranks on the GPU for the row-tile GEMMs (gate/up, down, dact, dx): the default
+    (``gemm_config``) first, then tiles of the same size class a card may prefer (narrower or
+    shorter, deeper pipelines). fp32 and the interpreter have only the default."""
+    default = gemm_config(arch, rows, experts, dtype)
+    if arch == 0 or dtype == torch.float32:
+        return [default]
+    if default["BLOCK_M"] == 16:
+        others = [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+                  dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)]
+    elif default["BLOCK_M"] == 64:
+        others = [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+                  dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)]
+    else:
+        others = [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+                  dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)]
+    return [default] + others
+
+
+TUNED_OP = "moe experts tiles"
+
+
+def config_name(cfg: dict) -> str:
+    """A row-tile config's name in the tuning cache and the logs: '128x128x64 w8 s3'."""
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+
+
+def _measure(run) -> float:
+    return attention._measure(run)
+
+
+def _outputs_agree(ref: tuple, got: tuple) -> tuple[bool, str]:
+    """Within 4 units in the last place of the output's largest value (at least 1): other tile
+    depths change the order of fp32 sums and may move a rounding by one unit, nothing more."""
+    return attention.close_in_ulps(got[0], ref[0], 4, floor=1.0)
+
+
+def tuned_gemm_config(device: torch.device, dtype: torch.dtype, hidden: int, inter: int, experts: int, top_k: int,
+                      rows: int, launch=None) -> dict:
+    """The row-tile config for these shapes: the fastest agreeing candidate, timed once on the GPU
+    with ``launch(cfg)`` (the forward's three kernels) and remembered across processes (``tuning``),
+    as the attention tiles are. Without ``launch`` (the backward) or while a CUDA graph is captured
+    only a remembered choice is used; the interpreter, ``QWEN3_KERNELS_AUTOTUNE=0`` and a rank other
+    than 0 before ``tuning.sync()`` get the default."""
+    arch = device_arch(device)
+    candidates = gemm_candidates(arch, rows, experts, dtype)
+    mode = "off" if len(candidates) == 1 else attention._tuning_mode(device)
+    if mode == "off":
+        return candidates[0]
+    bucket = dict(arch=arch, dtype=str(dtype).removeprefix("torch."), hidden=hidden, inter=inter, experts=experts,
+                  top_k=top_k, rows=triton.next_power_of_2(rows))
+    by_name = {config_name(c): c for c in candidates}
+    if mode == "lookup" or launch is None:
+        return by_name.get(tuning.lookup(device, TUNED_OP, bucket), candidates[0])
+
+    def tune():
+        return attention.race(candidates, launch, _measure, what="moe experts", name=config_name,
+                              agree=_outputs_agree)
+
+    return by_name.get(tuning.tuned(device, TUNED_OP, bucket, tune, valid=lambda n: n in by_name), candidates[0])
+
+
 def wgrad_config(arch: int, dtype: torch.dtype) -> dict:
     """Output tile (BLOCK_N x BLOCK_K) of a weight gradient and the rows (BLOCK_M) it reads per step."""
     if arch == 0:
@@ -398,13 +462,39 @@ def _sum_block(hidden: int) -> tuple[int, int]:
     return block, warps_for(block)
 
 
+def _forward_gemms(cfg: dict, x, gu, dn, w, order, pos, offsets, top_k: int, pre) -> torch.Tensor:
+    """The forward's three launches with row-tile config ``cfg``: gate/up + SwiGLU (keeping the
+    pre-activations in ``pre`` unless it is None), down, gather-sum. Returns out (N, H)."""
+    N, H = x.shape
+    E, I = gu.shape[0], gu.shape[1] // 2
+    M = N * top_k
+    dtype, device = x.dtype, x.device
+    meta = dict(BLOCK_E=_block_e(E), DOT_PRECISION=_dot_precision(dtype), **cfg)
+    slots = _tile_slots(M, E, cfg["BLOCK_M"])
+    act = torch.empty((M, I), dtype=dtype, device=device)
+    pre_arg = act if pre is None else pre
+    half = _two_tile_meta(meta)
+    _moe_gate_up_kernel[(triton.cdiv(I, half["BLOCK_N"]), slots)](
+        x, gu, order, offsets, act, pre_arg, E, H, I, x.stride(0), gu.stride(0), gu.stride(1), gu.stride(2),
+        act.stride(0), pre_arg.stride(0), TOP_K=top_k, SAVE_PRE=pre is not None, **half)
+    y = torch.empty((M, H), dtype=dtype, device=device)
+    _moe_grouped_kernel[(triton.cdiv(H, cfg["BLOCK_N"]), slots)](
+        act, dn, offsets, y, E, I, H, act.stride(0), dn.stride(0), dn.stride(2), dn.stride(1), y.stride(0), **meta)
+    out = torch.empty((N, H), dtype=dtype, device=device)
+    block, warps = _sum_block(H)
+    _moe_gather_sum_kernel[(N, triton.cdiv(H, block))](y, pos, offsets, w, out, E, H, y.stride(0), out.stride(0),
+                                                       TOP_K=top_k, WEIGHTED=True, BLOCK=block, num_warps=warps)
+    return out
+
+
 @on_tensor_device
 def moe_experts_forward(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                        gate_up: torch.Tensor, down: torch.Tensor, save_pre: bool
+                        gate_up: torch.Tensor, down: torch.Tensor, save_pre: bool, config: dict | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (N, H), pre (N*k, 2I) sorted or empty, order, pos, offsets). An expert id outside [0, E)
     (which ``_checks`` raises on for CPU tensors, where reading the ids is free) contributes nothing
-    to its token's output and gets zero gradients, instead of reading rows no kernel wrote."""
+    to its token's output and gets zero gradients, instead of reading rows no kernel wrote.
+    ``config`` pins the row-tile config (else ``tuned_gemm_config``)."""
     N, H = hidden.shape
     top_k = expert_ids.shape[1]
     E, I = gate_up.shape[0], gate_up.shape[1] // 2
@@ -412,29 +502,13 @@ def moe_experts_forward(hidden: torch.Tensor, expert_ids: torch.Tensor, weights:
     dtype, device = hidden.dtype, hidden.device
     order, pos, offsets = routing(expert_ids, E)
     pre = torch.empty((M, 2 * I) if save_pre else (0,), dtype=dtype, device=device)
-    out = torch.empty((N, H), dtype=dtype, device=device)
-    if M == 0:
-        return out, pre, order, pos, offsets
-    if I == 0:
-        return out.zero_(), pre, order, pos, offsets
-    x = unit_stride(hidden)
-    w = weights.contiguous()
-    gu, dn = unit_stride(gate_up), down
-    cfg = gemm_config(device_arch(device), M, E, dtype)
-    meta = dict(BLOCK_E=_block_e(E), DOT_PRECISION=_dot_precision(dtype), **cfg)
-    slots = _tile_slots(M, E, cfg["BLOCK_M"])
-    act = torch.empty((M, I), dtype=dtype, device=device)
-    pre_arg = pre if save_pre else act
-    half = _two_tile_meta(meta)
-    _moe_gate_up_kernel[(triton.cdiv(I, half["BLOCK_N"]), slots)](
-        x, gu, order, offsets, act, pre_arg, E, H, I, x.stride(0), gu.stride(0), gu.stride(1), gu.stride(2),
-        act.stride(0), pre_arg.stride(0), TOP_K=top_k, SAVE_PRE=save_pre, **half)
-    y = torch.empty((M, H), dtype=dtype, device=device)
-    _moe_grouped_kernel[(triton.cdiv(H, cfg["BLOCK_N"]), slots)](
-        act, dn, offsets, y, E, I, H, act.stride(0), dn.stride(0), dn.stride(2), dn.stride(1), y.stride(0), **meta)
-    block, warps = _sum_block(H)
-    _moe_gather_sum_kernel[(N, triton.cdiv(H, block))](y, pos, offsets, w, out, E, H, y.stride(0), out.stride(0),
-                                                       TOP_K=top_k, WEIGHTED=True, BLOCK=block, num_warps=warps)
+    if M == 0 or I == 0:
+        return torch.zeros((N, H), dtype=dtype, device=device), pre, order, pos, offsets
+    args = (unit_stride(hidden), unit_stride(gate_up), down, weights.contiguous(), order, pos, offsets, top_k)
+    if config is None:
+        config = tuned_gemm_config(device, dtype, H, I, E, top_k, M,
+                                   launch=lambda cfg: (_forward_gemms(cfg, *args, None),))
+    out = _forward_gemms(config, *args, pre if save_pre else None)
     return out, pre, order, pos, offsets
 
 
@@ -442,8 +516,9 @@ def moe_experts_forward(hidden: torch.Tensor, expert_ids: torch.Tensor, weights:
 def moe_experts_backward(dout: torch.Tensor, hidden: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                          down: torch.Tensor, pre: torch.Tensor, order: torch.Tensor, pos: torch.Tensor,
                          offsets: torch.Tensor, need_hidden: bool = True, need_weights: bool = True,
-                         need_gate_up: bool = True, need_down: bool = True) -> tuple:
-    """(d hidden, d weights, d gate_up, d down); None for a gradient not asked for."""
+                         need_gate_up: bool = True, need_down: bool = True, config: dict | None = None) -> tuple:
+    """(d hidden, d weights, d gate_up, d down); None for a gradient not asked for. ``config`` pins
+    the row-tile config (else the forward's tuned choice, or the default)."""
     N, H = hidden.shape
     top_k = weights.shape[1]
     E, I = gate_up.shape[0], gate_up.shape[1] // 2
@@ -462,7 +537,7 @@ def moe_experts_backward(dout: torch.Tensor, hidden: torch.Tensor, weights: torc
     g = unit_stride(dout)
     x = unit_stride(hidden)
     w = weights.contiguous()
-    cfg = gemm_config(arch, M, E, dtype)
+    cfg = config or tuned_gemm_config(device, dtype, H, I, E, top_k, M)
     meta = dict(BLOCK_E=_block_e(E), DOT_PRECISION=_dot_precision(dtype), **cfg)
     slots = _tile_slots(M, E, cfg["BLOCK_M"])
     half = _two_tile_meta(meta)
