@@ -355,8 +355,6 @@ def workloads(arch: int):
                 yield f"{name} {dt} packed T=16384 max_seqlen=4096 attention", packed
 
 
-# (name, hidden, expert FFN, experts, top k) of the Qwen3 MoE models: the MoE launches below
-MOE_SHAPES = (("30B-A3B", 2048, 768, 128, 8), ("235B-A22B", 4096, 1536, 128, 8))
 MOE_TRAIN_TOKENS = 8192
 MOE_CHUNK_TOKENS = 2048  # a prompt chunk or a short training batch: the mid-size tiles (128 rows per expert)
 
@@ -367,18 +365,21 @@ def moe_workloads(arch: int):
     same at 2k tokens (the mid-size tiles), and decode batches 1/8/64 (the small-row tiles), each
     with every row-tile candidate the tuner may pick (``gemm_candidates``). Tags contain "moe":
     ``python tests/aot_gate.py 90 moe`` compiles only these."""
+    from qwen3_kernels.config import PRESETS
     from qwen3_kernels.ops.triton import moe
 
-    for dtype, (name, C, inter, E, top_k) in itertools.product(DTYPES, MOE_SHAPES):
+    moe_models = [(name, c.hidden_size, c.moe_intermediate_size, c.num_experts, c.num_experts_per_tok,
+                   c.norm_topk_prob) for name, c in PRESETS.items() if c.num_experts]  # 30B-A3B, 235B-A22B
+    for dtype, (name, C, inter, E, top_k, norm) in itertools.product(DTYPES, moe_models):
         dt = str(dtype).removeprefix("torch.")
         for T, train in [(MOE_TRAIN_TOKENS, False), (MOE_TRAIN_TOKENS, True), (MOE_CHUNK_TOKENS, False),
                          (MOE_CHUNK_TOKENS, True)] + [(B, False) for B in DECODE_BATCHES]:
             kind = "training" if train else ("prefill" if T >= MOE_CHUNK_TOKENS else "decode")
             tag = f"{name} {dt} moe {kind} tokens={T}"
 
-            def block(T=T, C=C, inter=inter, E=E, top_k=top_k, train=train, dtype=dtype):
+            def block(T=T, C=C, inter=inter, E=E, top_k=top_k, norm=norm, train=train, dtype=dtype):
                 logits = _meta(T, E, dtype=dtype)
-                weights, ids = moe.moe_route_forward(logits, top_k, True)
+                weights, ids = moe.moe_route_forward(logits, top_k, norm)
                 hidden, gate_up, down = _meta(T, C, dtype=dtype), _meta(E, 2 * inter, C, dtype=dtype), \
                     _meta(E, C, inter, dtype=dtype)
                 for cfg in moe.gemm_candidates(arch, T * top_k, E, dtype):  # the default, then the tuner's others
@@ -388,7 +389,7 @@ def moe_workloads(arch: int):
                         moe.moe_experts_backward(out, hidden, weights, gate_up, down, pre, order, pos, offsets,
                                                  config=cfg)
                 if train:
-                    moe.moe_route_backward(weights, logits, ids, True)
+                    moe.moe_route_backward(weights, logits, ids, norm)
 
             yield tag, block
 
