@@ -194,7 +194,7 @@ def test_loss_falls_on_memorisable_data(checkpoint, tmp_path):
     ("unwritable out", r"--out '.*': cannot write there"),
     ("uneven split", r"--tokens-per-step 100 must be a whole number of micro-batches \(--micro-batch-tokens 32\)"),
     ("not utf-8", r"data.jsonl:2: not UTF-8 \(byte 0xe9 at column 14\)"),
-    ("directory", r"--data '.*' is a directory, not a JSONL file"),
+    ("directory", r"--data '.*' is a directory that datasets' save_to_disk did not write"),
     ("content type", r"data.jsonl:1: message 0's content must be a string or a list of text parts"),
     ("resume another model", r"--resume: the run in '.*' was trained otherwise: model '.*' -> '.*'"),
     ("resume nothing", r"--resume: '.*out' holds no run to continue"),

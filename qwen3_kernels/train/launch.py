@@ -13,6 +13,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from ..data import check_data_path, data_fingerprint
 from .report import check_reporters, parse_report_to
 
 
@@ -40,12 +41,9 @@ def _check_paths(args) -> None:
         raise FileNotFoundError(f"--model {args.model!r}: no such checkpoint directory")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise FileNotFoundError(f"--model {args.model!r}: no config.json in it")
-    if os.path.isdir(args.data):
-        raise FileNotFoundError(f"--data {args.data!r} is a directory, not a JSONL file")
-    if not os.path.isfile(args.data):
-        raise FileNotFoundError(f"--data {args.data!r}: no such file")
-    if args.eval_data is not None and not os.path.isfile(args.eval_data):
-        raise FileNotFoundError(f"--eval-data {args.eval_data!r}: no such file")
+    check_data_path(args.data, "--data")
+    if args.eval_data is not None:
+        check_data_path(args.eval_data, "--eval-data")
     check_reporters(parse_report_to(args.report_to))
     _check_lora(args)
     try:
@@ -98,7 +96,7 @@ def run_identity(args) -> dict:
         return h.hexdigest()
     identity = {"model": os.path.abspath(args.model),
                 "model config.json sha256": digest(os.path.join(args.model, "config.json")),
-                "data": os.path.abspath(args.data), "data sha256": digest(args.data)}
+                "data": os.path.abspath(args.data), "data sha256": data_fingerprint(args.data)}
     identity.update({f"--{name.replace('_', '-')}": getattr(args, name) for name in _RUN_ARGUMENTS})
     # the values the defaults stand for, so spelling a default out does not make another run
     identity["--micro-batch-tokens"] = args.micro_batch_tokens or args.tokens_per_step // _world_size()

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..config import Config, rope_frequencies
-from ..data import pack_examples, read_jsonl
+from ..data import pack_examples, read_examples
 from ..model import IGNORE_INDEX, QWEN, expert_load
 from . import lora
 from .export import save_hf_checkpoint
@@ -47,9 +47,13 @@ class Trainer:
             # Each example is cut to the model's context, which the micro-batch packing several examples
             # may exceed (65,536 tokens against every published Qwen3's 40,960), and to the micro-batch.
             self.max_example_tokens = min(micro, self.config.max_position_embeddings)
-            self.examples = read_jsonl(args.data, self.tokenizer, max_len=self.max_example_tokens)
-            self.eval_examples = read_jsonl(args.eval_data, self.tokenizer, max_len=self.max_example_tokens) \
-                if args.eval_data else None
+            # tokenised once into --out/tokenized (keyed by the data's and tokenizer's content, so a
+            # resumed run reads it back) and read from there through memory maps: a corpus larger
+            # than memory trains; the ranks share one tokenisation (a file lock)
+            cache = os.path.join(args.out, "tokenized")
+            self.examples = read_examples(args.data, self.tokenizer, self.max_example_tokens, cache_dir=cache)
+            self.eval_examples = read_examples(args.eval_data, self.tokenizer, self.max_example_tokens,
+                                               cache_dir=cache) if args.eval_data else None
         self.moe = any(self.config.is_moe_layer(i) for i in range(self.config.num_layers))
         with _same_on_every_rank():
             if args.router_aux_loss_coef is not None and not self.moe:
@@ -308,8 +312,7 @@ class Trainer:
         """One line at the start: the data, what the steps amount to, the parameters trained."""
         first_epoch = count_micro_batches(self.examples, self.micro_tokens, self.args.seed, 0)
         epochs = self.steps * self.micro_per_rank * self.world / max(first_epoch, 1)
-        tokens = sum(len(t) for t in self.examples.tokens)
-        trained = sum(sum(1 for label in labels[1:] if label != IGNORE_INDEX) for labels in self.examples.labels)
+        tokens, trained = self.examples.num_tokens, self.examples.num_trained_tokens
         line = (f"training: {len(self.examples.tokens):,} examples, {tokens:,} tokens ({trained:,} trained on); "
                 f"{self.steps:,} steps of {self.args.tokens_per_step:,} tokens = {epochs:.2f} epochs; "
                 f"{self.n_trainable:,} of {self.n_params:,} parameters trained")
@@ -441,9 +444,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def count_micro_batches(examples, micro_tokens: int, seed: int, epoch: int) -> int:
     """How many micro-batches ``pack_examples`` makes of ``epoch`` (from the lengths alone)."""
-    count, used = 0, 0
-    for i in epoch_order(len(examples.tokens), seed, epoch):
-        n = len(examples.tokens[i])
+    count, used, lengths = 0, 0, examples.lengths
+    for i in epoch_order(len(lengths), seed, epoch):
+        n = int(lengths[i])
         if not n:
             continue
         if not count or used + n > micro_tokens:
