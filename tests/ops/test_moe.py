@@ -136,13 +136,19 @@ def test_no_grad_forward_equals_the_training_forward(device):
     assert torch.equal(plain, moe.moe_experts(*args).detach())
 
 
-def test_routing_metadata_and_tile_bound():
+@pytest.mark.parametrize("fused", [True, False], ids=["one-program", "device-sort"])
+def test_routing_metadata_and_tile_bound(fused):
     moe = _moe()
     ids = torch.tensor([[3, 0], [0, 3], [2, 0], [3, 2]])
-    order, pos, offsets = moe.routing(ids, 5)
+    order, pos, offsets = moe.routing(ids, 5, fused=fused)
     assert offsets.tolist() == [0, 3, 3, 5, 8, 8]  # expert 1 and 4: no row
     assert order.tolist() == [1, 2, 5, 4, 7, 0, 3, 6]  # stable: slots of each expert in token order
     assert torch.equal(order[pos.long()], torch.arange(8, dtype=torch.int32))
+    bad = torch.tensor([[3, 0], [0, -1], [2, 7], [3, 2]])  # ids outside [0, 5): rows outside [offsets[0], offsets[5])
+    order, pos, offsets = moe.routing(bad, 5, fused=fused)
+    assert torch.equal(order[pos.long()], torch.arange(8, dtype=torch.int32))
+    assert int(offsets[5]) - int(offsets[0]) == 6
+    assert not ((pos[[3, 5]] >= offsets[0]) & (pos[[3, 5]] < offsets[5])).any()
     g = torch.Generator().manual_seed(0)
     for block_m in (16, 64, 128):
         for _ in range(200):
@@ -151,6 +157,23 @@ def test_routing_metadata_and_tile_bound():
             rows = int(counts.sum())
             needed = int(((counts + block_m - 1) // block_m).sum())
             assert needed <= moe._tile_slots(rows, E, block_m)
+
+
+def test_one_program_routing_equals_the_device_sort():
+    moe = _moe()
+    g = torch.Generator().manual_seed(0)
+    for rows, experts in [(1, 4), (8, 128), (111, 6), (512, 128), (1000, 7)]:
+        for dtype in (torch.int32, torch.int64):
+            ids = torch.randint(0, experts, (rows, 1), generator=g).to(dtype)
+            one, sort = moe.routing(ids, experts, fused=True), moe.routing(ids, experts, fused=False)
+            assert all(torch.equal(a, b) for a, b in zip(one, sort)), (rows, experts, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experts_with_the_device_sort_routing(device, monkeypatch):
+    """Above FUSED_ROUTING_MAX_ROWS the metadata comes from a device sort; the same experts result."""
+    monkeypatch.setattr(_moe(), "FUSED_ROUTING_MAX_ROWS", 0)
+    _check_experts(37, 48, 40, 6, 2, torch.float32, device, idle=(4,), hot=0)
 
 
 def test_decode_and_prefill_configs():
@@ -332,10 +355,12 @@ def test_bad_inputs_are_named(backend):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_out_of_range_expert_ids_contribute_nothing(device):
+@pytest.mark.parametrize("max_fused_rows", [1024, 0], ids=["one-program", "device-sort"])
+def test_out_of_range_expert_ids_contribute_nothing(device, max_fused_rows, monkeypatch):
     """On the GPU the ids are not read on the host (no sync), so an id outside [0, E) is not an error
     there: its slot adds nothing and gets no gradient (rows no GEMM wrote are never read)."""
     moe = _moe()
+    monkeypatch.setattr(moe, "FUSED_ROUTING_MAX_ROWS", max_fused_rows)
     hidden, ids, w, gate_up, down = _inputs(11, 32, 16, 4, 2, torch.float32, device)
     bad = ids.clone()
     bad[3, 1], bad[7, 0] = 4, -1

@@ -66,6 +66,38 @@ def _expert_tile(OFFSETS, tile, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr)
 
 
 @triton.jit
+def _moe_routing_kernel(IDS, ORDER, POS, OFFSETS, M, E, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK_E: tl.constexpr):
+    """One program, a stable counting sort of M <= BLOCK slots by expert id (an id outside [0, E)
+    counts as E: after every expert): ``offsets[e]`` = slots with a smaller id, a slot's sorted row
+    ``pos[s] = offsets[id[s]] + (earlier slots with the same id)``, and ``order[pos[s]] = s``."""
+    e = tl.arange(0, BLOCK_E)
+    slots = tl.arange(0, BLOCK)
+    ids = tl.load(IDS + slots, mask=slots < M, other=0)
+    ids = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
+    ids = tl.where(slots < M, ids, E + 1)  # padding: after everything
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for c0 in range(0, BLOCK, CHUNK):
+        c = c0 + tl.arange(0, CHUNK)
+        ids_c = tl.load(IDS + c, mask=c < M, other=0)
+        ids_c = tl.where((ids_c >= 0) & (ids_c < E), ids_c, E).to(tl.int32)
+        ids_c = tl.where(c < M, ids_c, E + 1)
+        counts += tl.sum((e[:, None] == ids_c[None, :]).to(tl.int32), 1)
+    starts = tl.cumsum(counts, 0) - counts
+    tl.store(OFFSETS + e, starts, mask=e <= E)
+    for c0 in range(0, BLOCK, CHUNK):
+        c = c0 + tl.arange(0, CHUNK)
+        ids_c = tl.load(IDS + c, mask=c < M, other=0)
+        ids_c = tl.where((ids_c >= 0) & (ids_c < E), ids_c, E).to(tl.int32)
+        earlier = (ids[None, :] == ids_c[:, None]) & (slots[None, :] < c[:, None])
+        rank = tl.sum(earlier.to(tl.int32), 1)
+        start = tl.sum(tl.where(e[None, :] == ids_c[:, None], starts[None, :], 0), 1)
+        row = start + rank
+        tl.store(POS + c, row, mask=c < M)
+        tl.store(ORDER + row, c, mask=c < M)
+
+
+@triton.jit
 def _moe_gate_up_kernel(X, W, ORDER, OFFSETS, ACT, PRE, E, H, I, stride_x, stride_we, stride_wn, stride_wk,
                         stride_act, stride_pre, TOP_K: tl.constexpr, SAVE_PRE: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -439,10 +471,27 @@ def _tile_slots(rows: int, experts: int, block_m: int) -> int:
     return slots
 
 
-def routing(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+FUSED_ROUTING_MAX_ROWS = 1024  # up to here one program builds the metadata (decode: one launch, not eight)
+
+
+def routing(expert_ids: torch.Tensor, num_experts: int, fused: bool | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(order, pos, offsets) on the device, no host sync: ``order`` (N*k,) int32, the flat slots
     ``n * k + j`` stably sorted by expert; ``pos`` its inverse (slot -> sorted row); ``offsets``
-    (E + 1,) int32, where each expert's rows start (``offsets[E] = N*k`` for valid ids)."""
+    (E + 1,) int32, where each expert's rows start (``offsets[E] = N*k`` for valid ids; rows outside
+    ``[offsets[0], offsets[E])`` belong to ids outside [0, E)). Up to ``FUSED_ROUTING_MAX_ROWS`` rows
+    (or as ``fused`` says) one Triton program counts and ranks them (``_moe_routing_kernel``); more
+    rows take a stable device sort."""
+    M = expert_ids.numel()
+    if fused if fused is not None else M <= FUSED_ROUTING_MAX_ROWS:
+        ids = expert_ids.reshape(-1)
+        order = torch.empty(M, dtype=torch.int32, device=ids.device)
+        pos = torch.empty_like(order)
+        offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
+        block, chunk = max(16, triton.next_power_of_2(M)), 16
+        _moe_routing_kernel[(1,)](ids, order, pos, offsets, M, num_experts, BLOCK=block, CHUNK=min(chunk, block),
+                                  BLOCK_E=triton.next_power_of_2(num_experts + 2), num_warps=4)
+        return order, pos, offsets
     flat = expert_ids.reshape(-1).to(torch.int32)
     sorted_ids, order = torch.sort(flat, stable=True)
     bounds = torch.arange(num_experts + 1, dtype=torch.int32, device=flat.device)
