@@ -172,3 +172,24 @@ def test_the_loss_plot_draws_training_and_eval_loss(tmp_path, capsys, monkeypatc
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert not train.plot_loss(str(metrics), str(tmp_path / "none.png"))
     assert not (tmp_path / "none.png").exists() and "loss.png needs matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("form", ["parquet", "arrow", "datasets directory"])
+def test_a_table_trains_as_the_jsonl_it_came_from(checkpoint, data, tmp_path, form):
+    """The same records as parquet, an Arrow file or a `datasets.save_to_disk` directory: the same
+    losses step for step as the JSONL (the same tokens, in the same order)."""
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_list([{"messages": e.get("messages"), "text": e.get("text")} for e in EXAMPLES])
+    path = tmp_path / {"parquet": "data.parquet", "arrow": "data.arrow", "datasets directory": "saved"}[form]
+    if form == "parquet":
+        table.to_parquet(str(path))
+    elif form == "arrow":
+        import pyarrow as pa
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.data.schema) as writer:
+            writer.write_table(table.data.table)
+    else:
+        table.save_to_disk(str(path))
+    assert _train(checkpoint, data, tmp_path / "jsonl", "--steps", "2") == 0
+    assert _train(checkpoint, path, tmp_path / "table", "--steps", "2") == 0
+    assert [m["loss"] for m in _metrics(tmp_path / "table")] == [m["loss"] for m in _metrics(tmp_path / "jsonl")]
+    assert (tmp_path / "table" / "tokenized").is_dir()  # tokenised once, read back by a resumed run

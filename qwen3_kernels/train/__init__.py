@@ -1,23 +1,26 @@
-"""``qwen3-kernels train``: fine-tune a Qwen3 checkpoint on JSONL data with FSDP2.
+"""``qwen3-kernels train``: fine-tune a Qwen3 (or Qwen3-MoE) checkpoint with FSDP2, in full or with
+LoRA adapters.
 
 One process runs it as is; ``torchrun --nproc_per_node N -m qwen3_kernels train ...`` runs it
 data-parallel with the weights, gradients and optimizer state sharded (``fully_shard``: one group per
 block, and the tied embedding + final norm + LM head together in the root group, since a tied
-parameter cannot sit in two groups). NCCL on GPUs, gloo on CPUs.
+parameter cannot sit in two groups). NCCL on GPUs, gloo on CPUs. The parts:
 
-- The model is built on the meta device, sharded, materialised, and filled from the checkpoint read
-  on rank 0 only (broadcast shard by shard). Weights and optimizer state stay fp32; ``--dtype``
-  (default bf16 on GPUs) is the compute dtype, and gradients are reduced in fp32.
-- Each step sees ``--tokens-per-step`` tokens in micro-batches of ``--micro-batch-tokens``: examples
-  packed padding-free (``qwen3_kernels.data.pack_examples``), shuffled per epoch from ``--seed``, the
-  micro-batches of a step dealt out to the ranks. The loss is the fused linear cross-entropy, summed
-  and divided by the number of counted tokens in the whole step (all micro-batches, all ranks), so
-  the gradient does not depend on how the step is split.
-- AdamW, linear warmup then cosine decay to 0, gradient clipping at ``--max-grad-norm``.
-- In ``--out``: ``metrics.jsonl`` (one line per step), ``loss.png``, ``checkpoints/step_N``
-  (``torch.distributed.checkpoint``, every ``--save-every`` steps, on Ctrl-C and at the end), from
-  which ``--resume`` continues exactly; and at the end the fine-tuned model in transformers' format
-  (config.json, safetensors sharded above 5 GB, tokenizer and generation files copied).
+- ``launch``: what is checked before anything loads (paths, data format, reporters, ``run.json``
+  for ``--resume``/``--overwrite``), once per machine under torchrun; the process group.
+- ``loop``: the ``Trainer``. The model is built on the meta device, sharded, materialised, and filled
+  from the checkpoint read on rank 0 only; weights and optimizer state stay fp32, ``--dtype`` is the
+  compute dtype, gradients are reduced in fp32. Each step sees ``--tokens-per-step`` tokens in
+  micro-batches of ``--micro-batch-tokens`` (``qwen3_kernels.data``: any supported format,
+  tokenised once into ``--out/tokenized``, packed padding-free, shuffled per epoch from ``--seed``),
+  dealt out to the ranks; the fused loss is summed and divided by the step's counted tokens, so the
+  gradient does not depend on the split. AdamW, warmup then ``--lr-scheduler``, clipping, eval
+  loss, Qwen3-MoE's load-balancing loss, ``torch.distributed.checkpoint`` checkpoints that
+  ``--resume`` continues exactly.
+- ``lora``: PEFT adapters on the frozen, sharded base (``--lora-rank``), written as a PEFT adapter.
+- ``export``: the fine-tuned model in transformers' format (config.json in both spellings,
+  safetensors sharded above 5 GB, MoE experts per expert).
+- ``report``: progress (tqdm or a line per step), TensorBoard/W&B, ``loss.png``.
 """
 
 from __future__ import annotations

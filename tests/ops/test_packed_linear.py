@@ -62,6 +62,24 @@ def test_packed_linear_forward_and_gradients(device, dtype, packed, with_bias):
         assert_within_rule(g, ge, g64, 3, atol(dtype, g64), name)
 
 
+def test_frozen_weights_get_no_weight_gradient_gemm(monkeypatch):
+    """A frozen packed group (the base of a LoRA run): dx only; the backward is told no weight needs a
+    gradient, so the (rows x C) weight-gradient GEMM is never computed."""
+    linear = _linear()
+    seen = []
+    original = linear._packed_linear_backward_op
+    monkeypatch.setattr(linear, "_packed_linear_backward_op",
+                        lambda dy, x, w, weight_grad: seen.append(weight_grad) or original(dy, x, w, weight_grad))
+    weights = _weights((16, 8), 24, torch.float32, "cpu", packed=True)
+    for w in weights:
+        w.requires_grad_(False)
+    x = rand(3, 5, 24, seed=1).requires_grad_()
+    linear.packed_linear(x, weights).square().sum().backward()
+    expected = torch.autograd.grad(reference.packed_linear(x, weights).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+    assert seen == [False] and all(w.grad is None for w in weights)
+
+
 def test_pack_parameters_keeps_parameters_and_values():
     weights = _weights((5, 3, 3), 7, torch.float32, "cpu", packed=False)
     ids, values = [id(w) for w in weights], [w.detach().clone() for w in weights]

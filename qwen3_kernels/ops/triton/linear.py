@@ -32,28 +32,33 @@ def _(x, weights):
 
 
 @torch.library.custom_op("qwen3_kernels::packed_linear_backward", mutates_args=())
-def _packed_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor]
+def _packed_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], weight_grad: bool
                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dW) with dW the (sum of rows, C) gradient of the packed matrix: two GEMMs, not 2 per weight."""
+    """(dx, dW) with dW the (sum of rows, C) gradient of the packed matrix: two GEMMs, not 2 per weight.
+    Without ``weight_grad`` (frozen weights: a LoRA base) dW is not computed and comes back empty."""
+    dx = dy @ _weight_matrix(weights)
+    if not weight_grad:
+        return dx, x.new_empty((0, x.shape[-1]))
     dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-    return dy @ _weight_matrix(weights), dy2.t() @ x2
+    return dx, dy2.t() @ x2
 
 
 @_packed_linear_backward_op.register_fake
-def _(dy, x, weights):
-    return torch.empty_like(x), x.new_empty((dy.shape[-1], x.shape[-1]))
+def _(dy, x, weights, weight_grad):
+    return torch.empty_like(x), x.new_empty((dy.shape[-1] if weight_grad else 0, x.shape[-1]))
 
 
 def _setup_packed_linear(ctx, inputs, output):
     x, weights = inputs
     ctx.save_for_backward(x, *weights)
     ctx.rows = [w.shape[0] for w in weights]
+    ctx.weight_grad = any(w.requires_grad for w in weights)
 
 
 def _backward_packed_linear(ctx, dy):
     x, *weights = ctx.saved_tensors
-    dx, dw = _packed_linear_backward_op(dy.contiguous(), x, weights)
-    return dx, list(dw.split(ctx.rows))
+    dx, dw = _packed_linear_backward_op(dy.contiguous(), x, weights, ctx.weight_grad)
+    return dx, (list(dw.split(ctx.rows)) if ctx.weight_grad else [None] * len(weights))
 
 
 _packed_linear_op.register_autograd(_backward_packed_linear, setup_context=_setup_packed_linear)
