@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU check, in tiers, inside a time budget (GPU_CHECK_BUDGET_S seconds, default 480, cold
 # Triton cache included):
-#   1. CUDA correctness: kernels, fused model, generation, parity, CLI (what only a GPU can prove;
+#   1. CUDA correctness: kernels (the MoE ones with bf16 dots and the CUDA-graph decode capture
+#      included), fused model, Qwen3-MoE, generation, parity, CLI (what only a GPU can prove;
 #      the compile gate and the CPU-only tests are proven on the CPU and skipped here);
 #   1b. tuning: `qwen3_kernels.tune` ranks the attention candidates (forward tiles, backward designs,
 #      SDPA's backends against the Triton kernels) at Qwen3-0.6B's shapes into a fresh cache; its
@@ -59,7 +60,7 @@ export QWEN3_KERNELS_TUNING_LOG="$OUT/tuning.jsonl"
 # Tier 1. The compile gate and the CPU-only logic (config, tokenizer, report formulas) prove nothing new here.
 within_budget 250 "$PYTHON" -m pytest tests/ops tests/test_fused_model.py tests/test_generation.py \
   tests/test_parity.py tests/test_cli.py tests/test_bad_input.py tests/test_loss.py tests/test_packed_batches.py \
-  tests/test_hf.py --ignore=tests/ops/test_aot_compile.py \
+  tests/test_hf.py tests/test_moe_model.py tests/test_hf_moe.py --ignore=tests/ops/test_aot_compile.py \
   -q -p no:cacheprovider > "$OUT/1-correctness.log" 2>&1
 rc=$?
 say "tier 1 (CUDA correctness): exit $rc after $(( $(date +%s) - START )) s; $(tail -n 1 "$OUT/1-correctness.log")"
