@@ -23,7 +23,7 @@ memory over the architecture's per-block limit, a kernel that cannot be resident
 attention tile with fewer than 64 held rows per warpgroup, or a backward default that does more
 tensor-core work than a spill-free deterministic candidate.
 ``python tests/aot_gate.py --markdown`` prints the tables of both architectures;
-``--write-readme`` puts them into the README's kernels section.
+``--write-docs`` puts them into docs/compile-table.md.
 
 tests/ops/test_aot_compile.py runs this in subprocesses, because kernels defined under
 TRITON_INTERPRET=1 (as in the CPU test session) cannot be compiled."""
@@ -568,11 +568,11 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+TABLE_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "compile-table.md")
 BEGIN, END = "<!-- compile-table:begin -->", "<!-- compile-table:end -->"
 
 
-def readme_block(tables: list[str]) -> str:
+def doc_block(tables: list[str]) -> str:
     return BEGIN + "\n" + "\n".join(f"<details><summary>sm_{arch} compile table</summary>\n\n{table}\n\n</details>\n"
                                     for arch, table in zip((80, 90), tables)) + END
 
@@ -596,16 +596,16 @@ def _run_both() -> list[list[dict]]:
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("--markdown", "--write-readme"):
+    if argv and argv[0] in ("--markdown", "--write-docs"):
         tables = [markdown(rows) for rows in _run_both()]
         if argv[0] == "--markdown":
             print("\n\n".join(tables))
             return 0
-        with open(README) as f:
+        with open(TABLE_DOC) as f:
             text = f.read()
         start, end = text.index(BEGIN), text.index(END) + len(END)
-        with open(README, "w") as f:
-            f.write(text[:start] + readme_block(tables) + text[end:])
+        with open(TABLE_DOC, "w") as f:
+            f.write(text[:start] + doc_block(tables) + text[end:])
         return 0
     rows = run(int(argv[0]), argv[1] if len(argv) > 1 else "", progress=True)
     for row in rows:
