@@ -257,6 +257,17 @@ def test_route_forward_and_gradient(device, dtype, N, E, top_k, norm):
     assert_within_rule(grad, grad_eager, grad64.to(device), 3, atol(dtype, grad64), "d router_logits")
 
 
+def test_route_ids_stay_in_range_with_nan_or_infinite_logits():
+    moe = _moe()
+    logits = torch.tensor([[0.0, float("nan"), 1.0, -1.0], [float("-inf")] * 4, [float("inf"), 0.0, float("inf"), 2.0]])
+    weights, ids = moe.moe_route(logits, 2, False)
+    assert ((ids >= 0) & (ids < 4)).all() and (ids[:, 0] != ids[:, 1]).all()
+    assert ids[0].tolist() == [1, 2]  # NaN counts as the largest, then the largest number
+    assert ids[2].tolist() == [0, 2]  # equal logits: the lowest index first
+    assert torch.isnan(weights).all()  # what the softmax makes of them (torch's too)
+    assert torch.isnan(reference.moe_route(logits, 2, False)[0]).all()
+
+
 # ---- registration, compile, dispatch, bad inputs ----
 
 def test_opcheck():

@@ -280,8 +280,9 @@ def _moe_wgrad_kernel(G, X, ORDER, OFFSETS, WEIGHTS, DW, E, NOUT, K, I, stride_g
 
 @triton.jit
 def _next_largest(x, free, e, BLOCK_E: tl.constexpr):
-    """The index of the largest ``x`` among the ``free`` entries, the lowest index among equal ones."""
-    cand = tl.where(free, x, float("-inf"))
+    """The index of the largest ``x`` among the ``free`` entries, the lowest index among equal ones;
+    NaN counts as the largest (as in ``torch.topk``), so an id is always in [0, E)."""
+    cand = tl.where(free, tl.where(x != x, float("inf"), x), float("-inf"))
     return tl.min(tl.where(free & (cand == tl.max(cand, 0)), e, BLOCK_E), 0)
 
 
