@@ -4,6 +4,7 @@ experts) equal to one process, and the output in the published per-expert layout
 Qwen3MoeForCausalLM loads with our logits."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -95,3 +96,75 @@ def test_router_aux_loss_coef_on_a_dense_model_is_refused(data, tmp_path, capsys
     write_tokenizer(path)
     assert _train(path, data, tmp_path / "out", "--router-aux-loss-coef", "0.01") == 1
     assert "is a dense Qwen3 (no Mixture-of-Experts layer)" in capsys.readouterr().err
+
+
+# --- disjoint routing under FSDP2 --------------------------------------------------------------------
+
+DISJOINT = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                intermediate_size=48, max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=24)
+
+
+def _routing_by_parity():
+    """A model whose router sends even token ids to experts {0, 1} and odd ones to {2, 3} in every
+    layer: attention adds nothing (o_proj is zero), each embedding's first feature is +5 (even) or -5
+    (odd), and the routers score experts 0, 1 by that feature and 2, 3 by its negative."""
+    from qwen3_kernels import Config
+    torch.manual_seed(0)
+    model = QWEN(Config(**DISJOINT))
+    with torch.no_grad():
+        sign = torch.tensor([1.0 if t % 2 == 0 else -1.0 for t in range(DISJOINT["vocab_size"])])
+        model.embeddings.weight[:, 0] = 5.0 * sign
+        for block in model.blocks:
+            block.attn.o_proj.weight.zero_()
+            block.ffn.experts.down_proj.mul_(0.01)  # the residual stream keeps its first feature's sign
+            block.ffn.gate.weight.zero_()
+            block.ffn.gate.weight[:2, 0], block.ffn.gate.weight[2:, 0] = 10.0, -10.0
+    return model
+
+
+def _rank_ids(rank: int) -> torch.Tensor:
+    return torch.arange(rank, DISJOINT["vocab_size"], 2)[:13][None]  # even ids on rank 0, odd on rank 1
+
+
+def _disjoint_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = _routing_by_parity()
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        ids = _rank_ids(rank)
+        loss, stats = model(ids, labels=ids, output_router_logits=True, return_aux=True)
+        loss.backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save(grads, os.path.join(out, "grads.pt"))
+        torch.save(stats.tokens_per_expert, os.path.join(out, f"counts{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_routing_to_disjoint_experts_equal_one_process(tmp_path):
+    """Rank 0's tokens go only to experts 0 and 1, rank 1's only to 2 and 3: FSDP2 gathers each block's
+    stacked experts on both ranks all the same, so the step completes (nothing waits on an expert
+    another rank never used) and the averaged gradients equal one process's over both batches."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_disjoint_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    counts = [torch.load(tmp_path / f"counts{r}.pt") for r in (0, 1)]
+    assert (counts[0][:, 2:] == 0).all() and (counts[0][:, :2] > 0).all()   # disjoint, in every MoE layer
+    assert (counts[1][:, :2] == 0).all() and (counts[1][:, 2:] > 0).all()
+    model = _routing_by_parity()
+    for rank in (0, 1):
+        ids = _rank_ids(rank)
+        (model(ids, labels=ids, output_router_logits=True) / 2).backward()  # FSDP averages over the ranks
+    grads = torch.load(tmp_path / "grads.pt")
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
