@@ -2,7 +2,8 @@
 
 Routing metadata is built on the device: the N*k (token, slot) pairs are stably sorted by expert
 (``order``: sorted row -> flat slot ``n * k + j``; ``pos``: its inverse), and ``offsets`` (E + 1,)
-holds where each expert's rows start in that order. Every grouped GEMM launches over an upper
+holds where each expert's rows start in that order (``_moe_routing_kernel``, one program, for up to
+1024 pairs: a decode step; a device sort above). Every grouped GEMM launches over an upper
 bound of row tiles that depends only on shapes, ``cdiv(N*k, BLOCK_M) + min(E, N*k)`` (each expert
 wastes less than one tile), and each program finds its expert and rows from ``offsets`` on the
 device; programs past the last expert's rows exit at once, so an expert with no token costs one
@@ -25,7 +26,8 @@ Backward, with ``dout`` (N, H):
   6. ``_moe_wgrad_kernel``: d down[e] = ``sum over e's rows dout[token]^T (w * act)``, d gate_up[e] =
      ``sum over e's rows d[g; u]^T x``, one program per output tile looping over the expert's rows
      in order (deterministic, no atomics).
-All products accumulate in fp32.
+All products accumulate in fp32. The row tiles (``gemm_config``: 16 rows for decode, 64 or 128 for
+prefill and training) are the default of ``gemm_candidates``, which the tuner ranks on the GPU.
 
 ``moe_route``: softmax over the experts in fp32, the top k (chosen on the logits, whose order the
 softmax keeps), renormalised; its backward goes through the renormalisation and the softmax.
