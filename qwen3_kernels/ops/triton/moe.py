@@ -579,10 +579,12 @@ def moe_experts_backward(dout: torch.Tensor, hidden: torch.Tensor, weights: torc
     if M and I and pre.shape != (M, 2 * I):
         raise RuntimeError("moe_experts backward: the forward did not keep its pre-activations (it ran without "
                            "gradients)")
-    dhidden = torch.zeros((N, H), dtype=dtype, device=device) if need_hidden else None
-    dweights = torch.zeros(weights.shape, dtype=weights.dtype, device=device) if need_weights else None
-    dgate_up = torch.zeros(gate_up.shape, dtype=gate_up.dtype, device=device) if need_gate_up else None
-    ddown = torch.zeros(down.shape, dtype=down.dtype, device=device) if need_down else None
+    # every element is written below (an idle expert's weight gradients as zeros by its own programs)
+    fill = torch.zeros if M == 0 or I == 0 else torch.empty
+    dhidden = fill((N, H), dtype=dtype, device=device) if need_hidden else None
+    dweights = fill(weights.shape, dtype=weights.dtype, device=device) if need_weights else None
+    dgate_up = fill(gate_up.shape, dtype=gate_up.dtype, device=device) if need_gate_up else None
+    ddown = fill(down.shape, dtype=down.dtype, device=device) if need_down else None
     if M == 0 or I == 0 or not (need_hidden or need_weights or need_gate_up or need_down):
         return dhidden, dweights, dgate_up, ddown
     arch = device_arch(device)
