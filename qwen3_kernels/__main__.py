@@ -468,9 +468,9 @@ def _demo(args) -> int:
     print(f"\nforward ({args.batch} x {args.seq_len} tokens) -> logits {tuple(logits.shape)} in "
           f"{elapsed * 1e3:.1f} ms ({tokens / elapsed:,.0f} tokens/s); "
           f"next-token argmax of sequence 0: {logits[0, -1].argmax().item()}")
-    attention = ops.report(device, dtype)["attention"]
-    if args.fused and "tuned here" in attention.reason:  # which attention design this card chose
-        print(f"attention {attention.backend}: {attention.reason}")
+    for op, choice in ops.report(device, dtype).items():  # which designs this card chose
+        if args.fused and "tuned here" in choice.reason:
+            print(f"{op} {choice.backend}: {choice.reason}")
     return 0
 
 

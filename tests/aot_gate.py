@@ -220,12 +220,14 @@ def _meta(*shape, dtype):
 
 
 def model_shapes():
-    """(name, hidden, heads, kv_heads, head_dim, intermediate) of every dense Qwen3 size, plus the
-    small head dims the tests use."""
+    """(name, hidden, heads, kv_heads, head_dim, intermediate) of every Qwen3 size, plus the small head
+    dims the tests use; intermediate is None for an MoE size whose every layer is MoE (no dense SwiGLU:
+    its experts' launches are moe_workloads')."""
     from qwen3_kernels.config import PRESETS
 
     for name, c in PRESETS.items():
-        yield name, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+        dense_ffn = any(not c.is_moe_layer(i) for i in range(c.num_layers))
+        yield name, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size if dense_ffn else None
     for d in (16, 32, 64):
         yield f"test-D{d}", 4 * d, 4, 2, d, 6 * d
 
@@ -284,10 +286,11 @@ def workloads(arch: int):
                         rope.rope_backward(t, t, cos, cos, qw, 1e-6)
                     rope.rope_forward(q, cos, cos)
                     rope.rope_backward(q, q, cos, cos)
-                    g = _meta(B, T, 2 * inter, dtype=dtype)  # the packed gate/up GEMM's output
-                    gate, up = g[..., :inter], g[..., inter:]
-                    swiglu.swiglu_forward(gate, up)
-                    swiglu.swiglu_backward(_meta(B, T, inter, dtype=dtype), gate, up)
+                    if inter:
+                        g = _meta(B, T, 2 * inter, dtype=dtype)  # the packed gate/up GEMM's output
+                        gate, up = g[..., :inter], g[..., inter:]
+                        swiglu.swiglu_forward(gate, up)
+                        swiglu.swiglu_backward(_meta(B, T, inter, dtype=dtype), gate, up)
                     hidden, head = x.view(-1, C), _meta(VOCAB, C, dtype=dtype)  # the training loss
                     targets = _meta(B * T, dtype=torch.int64)
                     losses, lse = cross_entropy.linear_cross_entropy_forward(hidden, head, targets, -100)
@@ -327,8 +330,9 @@ def workloads(arch: int):
                         cos, qw = _meta(B, 1, D, dtype=dtype), _meta(D, dtype=dtype)  # per-sequence positions
                         cache, positions = _meta(2, B, max_len, Hkv, D, dtype=dtype), _meta(B, 1, dtype=torch.int64)
                         rope.qk_norm_rope_forward(q, k, cos, cos, qw, qw, 1e-6, v, cache[1], cache[1], positions)
-                        gate_up = _meta(B, 1, 2 * inter, dtype=dtype)  # one GEMM's output, read as two halves
-                        swiglu.swiglu_forward(gate_up[..., :inter], gate_up[..., inter:])
+                        if inter:
+                            gate_up = _meta(B, 1, 2 * inter, dtype=dtype)  # one GEMM's output, read as two halves
+                            swiglu.swiglu_forward(gate_up[..., :inter], gate_up[..., inter:])
 
                     if not name.startswith("test-"):
                         yield f"{tag} elementwise", decode_tokens

@@ -114,16 +114,17 @@ def _decide(op: str, device: torch.device, dtype: torch.dtype, requested: str) -
 
 def report(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Choice]:
     """The per-op choice on ``device`` in ``dtype``: ``{op: Choice(backend, reason, fn)}``. Where the
-    Triton attention was autotuned in this process, its reason goes on with one line per tuned
-    bucket: which candidate won (a Triton tile, a backward design, or an SDPA backend in the race
-    against the Triton kernels) and by how much."""
+    Triton attention (or the MoE experts' GEMM tiles) was autotuned in this process, its reason goes
+    on with one line per tuned bucket: which candidate won (a Triton tile, a backward design, or an
+    SDPA backend in the race against the Triton kernels) and by how much."""
     choices = {op: choose(op, device, dtype) for op in OPS}
-    attention_choice = choices["attention"]
-    if attention_choice.backend == "triton":
-        tuned = [_tuning().describe(row) for row in tuning_report()]
+    rows = tuning_report()
+    for op in ("attention", "moe_experts"):  # the tuned ops; a row's op names its kernel ("moe experts tiles")
+        if choices[op].backend != "triton":
+            continue
+        tuned = [_tuning().describe(row) for row in rows if row["op"].startswith(op.replace("_", " "))]
         if tuned:
-            choices["attention"] = attention_choice._replace(
-                reason=attention_choice.reason + "; tuned here:\n    " + "\n    ".join(tuned))
+            choices[op] = choices[op]._replace(reason=choices[op].reason + "; tuned here:\n    " + "\n    ".join(tuned))
     return choices
 
 
