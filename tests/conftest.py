@@ -29,14 +29,43 @@ def make_hf_model(tie: bool = True, seed: int = 0, **overrides):
     kw = {**TINY, "tie_word_embeddings": tie, "rope_theta": 5e6, **overrides}
     config = transformers.Qwen3Config(**kw)
     config._attn_implementation = "eager"
-    model = transformers.Qwen3ForCausalLM(config).eval()
+    return randomize(transformers.Qwen3ForCausalLM(config).eval())
+
+
+# A tiny Qwen3-MoE: one MoE layer (0) and one dense layer (1), 6 experts, top 2
+TINY_MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40, norm_topk_prob=True,
+                decoder_sparse_step=1, mlp_only_layers=[1], router_aux_loss_coef=0.05)
+
+
+def make_hf_moe_model(seed: int = 0, router_std: float = 0.5, **overrides):
+    """A small random transformers Qwen3-MoE (untied head), every weight random; the routers drawn
+    wider (``router_std``) so they prefer some experts, as trained ones do."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen3MoeConfig(**{**TINY, **TINY_MOE, "tie_word_embeddings": False, "rope_theta": 5e6,
+                                            **overrides})
+    config._attn_implementation = "eager"
+    return randomize(transformers.Qwen3MoeForCausalLM(config).eval(), router_std=router_std)
+
+
+def randomize(model, std: float = 0.1, router_std: float | None = None):
+    """Every weight of a transformers model drawn afresh: norms around 1, the rest N(0, std) (MoE
+    routers N(0, router_std) where given)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
             else:
-                p.normal_(0.0, 0.1)
+                p.normal_(0.0, router_std if router_std is not None and name.endswith("mlp.gate.weight") else std)
     return model
+
+
+def loss_and_grads(model, **inputs):
+    """A training forward + backward: (outputs, {parameter name: its gradient})."""
+    model.train()
+    model.zero_grad()
+    out = model(**inputs)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 def load_hf(path, dtype=torch.float32, attn="sdpa"):

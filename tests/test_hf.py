@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY, make_hf_model
+from conftest import TINY, loss_and_grads, make_hf_model
 from qwen3_kernels_testing.float64 import assert_within_rule
 from qwen3_kernels_testing.kernels import ATOL, KERNEL_DEVICE
 
@@ -34,14 +34,6 @@ def _batch(B=2, T=19, seed=3):
     return ids.to(KERNEL_DEVICE), labels.to(KERNEL_DEVICE)
 
 
-def _loss_and_grads(model, **inputs):
-    model.train()
-    model.zero_grad()
-    out = model(**inputs)
-    out.loss.backward()
-    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_patched_model_follows_the_rule(backend, dtype):
     """Logits at inference, and the training loss and every gradient, against float64 transformers;
@@ -51,7 +43,7 @@ def test_patched_model_follows_the_rule(backend, dtype):
     with torch.no_grad():
         logits = [m.eval()(ids).logits for m in (exact, eager, ours)]
     assert_within_rule(logits[2], logits[1], logits[0], atol=ATOL[dtype], name="logits")
-    runs = [_loss_and_grads(m, input_ids=ids, labels=labels) for m in (exact, eager, ours)]
+    runs = [loss_and_grads(m, input_ids=ids, labels=labels) for m in (exact, eager, ours)]
     assert runs[2][0].logits is None                        # trained without building the logits
     assert_within_rule(runs[2][0].loss, runs[1][0].loss, runs[0][0].loss, atol=ATOL[dtype], name="loss")
     for name, grad in runs[0][1].items():
@@ -105,7 +97,7 @@ def test_packed_batch_from_the_flattening_collator(backend, flash_kwargs):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         packed = ours.eval()(**inputs, use_cache=False).logits
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
-    (theirs, their_grads), (mine, my_grads) = (_loss_and_grads(m, **batch, use_cache=False) for m in (eager, ours))
+    (theirs, their_grads), (mine, my_grads) = (loss_and_grads(m, **batch, use_cache=False) for m in (eager, ours))
     torch.testing.assert_close(mine.loss, theirs.loss, rtol=1e-5, atol=1e-6)
     for name, grad in their_grads.items():
         torch.testing.assert_close(my_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -132,7 +124,7 @@ def test_packed_batch_under_autocast(backend, dtype, qk_norm_rope, monkeypatch):
         alone = torch.cat([eager.eval()(torch.tensor([e], device=KERNEL_DEVICE)).logits for e in examples], dim=1)
         exact = eager(**inputs, use_cache=False).logits
     torch.testing.assert_close(exact, alone, rtol=1e-5, atol=1e-5)  # the fp32 packed run is the truth
-    runs = [_loss_and_grads(eager, **batch, use_cache=False)]
+    runs = [loss_and_grads(eager, **batch, use_cache=False)]
     attention_calls = []
     kernel = ops.attention
     monkeypatch.setattr(ops, "attention", lambda *a, **k: attention_calls.append(1) or kernel(*a, **k))
@@ -140,7 +132,7 @@ def test_packed_batch_under_autocast(backend, dtype, qk_norm_rope, monkeypatch):
         with torch.no_grad():
             theirs = eager.eval()(**inputs, use_cache=False).logits
             mine = ours.eval()(**inputs, use_cache=False).logits
-        runs += [_loss_and_grads(m, **batch, use_cache=False) for m in (eager, ours)]
+        runs += [loss_and_grads(m, **batch, use_cache=False) for m in (eager, ours)]
     assert mine.dtype == theirs.dtype
     assert_within_rule(mine.float(), theirs.float(), exact, atol=ATOL[dtype], name="packed logits under autocast")
     (truth, true_grads), (their_run, their_grads), (my_run, my_grads) = runs
@@ -269,7 +261,7 @@ def test_peft_lora_model(backend):
     mine = hf.apply_kernels(peft.get_peft_model(_model(), peft.LoraConfig(**lora)))
     assert mine.base_model.model.config._attn_implementation == hf.ATTENTION
     ids, labels = _batch()
-    (their_out, their_grads), (my_out, my_grads) = (_loss_and_grads(m, input_ids=ids, labels=labels)
+    (their_out, their_grads), (my_out, my_grads) = (loss_and_grads(m, input_ids=ids, labels=labels)
                                                     for m in (theirs, mine))
     assert set(my_grads) == set(their_grads) and all("lora_" in n for n in my_grads)
     torch.testing.assert_close(my_out.loss, their_out.loss, rtol=1e-5, atol=1e-6)

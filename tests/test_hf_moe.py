@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, TINY_MOE, loss_and_grads, make_hf_moe_model
 from qwen3_kernels_testing.float64 import assert_within_rule
 from qwen3_kernels_testing.kernels import ATOL, KERNEL_DEVICE
 
@@ -16,27 +16,8 @@ from qwen3_kernels import hf, ops
 transformers = pytest.importorskip("transformers")
 modeling = pytest.importorskip("transformers.models.qwen3_moe.modeling_qwen3_moe")
 
-MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40, norm_topk_prob=True,
-           decoder_sparse_step=1, mlp_only_layers=[1], router_aux_loss_coef=0.05)
-
-
-def _hf_moe_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = transformers.Qwen3MoeConfig(**{**TINY, **MOE, "tie_word_embeddings": False, "rope_theta": 5e6,
-                                            **overrides})
-    config._attn_implementation = "eager"
-    model = transformers.Qwen3MoeForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.1 if "gate.weight" not in name else 0.5)  # a router that prefers some experts
-    return model
-
-
 def _model(dtype=torch.float32, patched=False, attn="sdpa", **overrides):
-    model = _hf_moe_model(**overrides).to(device=KERNEL_DEVICE, dtype=dtype)
+    model = make_hf_moe_model(**overrides).to(device=KERNEL_DEVICE, dtype=dtype)
     model.config._attn_implementation = attn
     model.config._experts_implementation = "eager"  # transformers' loop (its grouped_mm takes no float64)
     return hf.apply_kernels(model) if patched else model
@@ -50,14 +31,6 @@ def _batch(B=2, T=13, seed=3):
     return ids.to(KERNEL_DEVICE), labels.to(KERNEL_DEVICE)
 
 
-def _loss_and_grads(model, **inputs):
-    model.train()
-    model.zero_grad()
-    out = model(**inputs)
-    out.loss.backward()
-    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_patched_moe_model_follows_the_rule(backend, dtype):
     """Logits, the training loss with the load-balancing loss added, the aux loss itself and every
@@ -68,7 +41,7 @@ def test_patched_moe_model_follows_the_rule(backend, dtype):
     with torch.no_grad():
         logits = [m.eval()(ids).logits for m in (exact, eager, ours)]
     assert_within_rule(logits[2], logits[1], logits[0], atol=ATOL[dtype], name="logits")
-    runs = [_loss_and_grads(m, input_ids=ids, labels=labels, output_router_logits=True) for m in (exact, eager, ours)]
+    runs = [loss_and_grads(m, input_ids=ids, labels=labels, output_router_logits=True) for m in (exact, eager, ours)]
     assert runs[2][0].logits is None                        # trained without building the logits
     assert runs[2][0].aux_loss is not None and len(runs[2][0].router_logits) == 1  # one MoE layer of two
     for name in ("loss", "aux_loss"):
@@ -121,7 +94,7 @@ def test_experts_that_do_not_fit_run_transformers_loop(caplog):
     experts = model.model.layers[0].mlp.experts
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(5, TINY["hidden_size"], generator=g).to(KERNEL_DEVICE)
-    ids = torch.randint(0, MOE["num_experts"], (5, 2), generator=g).to(KERNEL_DEVICE)
+    ids = torch.randint(0, TINY_MOE["num_experts"], (5, 2), generator=g).to(KERNEL_DEVICE)
     weights = torch.rand(5, 2, generator=g, dtype=torch.float64).to(KERNEL_DEVICE)
     with caplog.at_level(logging.WARNING, logger="qwen3_kernels.hf"):
         hf._logged.clear()
@@ -140,7 +113,7 @@ def class_patch():
 def test_class_patch_reaches_moe_models_built_afterwards(class_patch, tmp_path):
     """apply_kernels() with no model: a Qwen3-MoE from from_pretrained runs the kernels, with the
     "qwen3_kernels" attention and experts; remove_kernels() puts transformers' forwards back."""
-    _hf_moe_model().save_pretrained(tmp_path)
+    make_hf_moe_model().save_pretrained(tmp_path)
     loaded = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").to(KERNEL_DEVICE)
     assert loaded.config._attn_implementation == hf.ATTENTION
     assert loaded.config._experts_implementation == hf.ATTENTION

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, transformers
+from conftest import TINY, randomize, transformers
 from qwen3_kernels_testing.float64 import assert_within_rule
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -30,11 +30,7 @@ def make_hf_moe(variant="mlp_only_layers", seed=0, **overrides):
           "rope_parameters": {"rope_type": "default", "rope_theta": 5e6}, **overrides}
     config = transformers.Qwen3MoeConfig(**kw)
     config._attn_implementation = "eager"
-    model = transformers.Qwen3MoeForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.3 * torch.randn_like(p)) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
-    return model
+    return randomize(transformers.Qwen3MoeForCausalLM(config).eval())
 
 
 def write_checkpoint(hf, path, layout="per_expert", **save_kwargs):

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from conftest import TINY, make_hf_model, write_tokenizer
+from conftest import make_hf_model, make_hf_moe_model, write_tokenizer
 
 transformers = pytest.importorskip("transformers")
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -26,11 +26,7 @@ def checkpoints(tmp_path, monkeypatch):
     vocab = write_tokenizer(dense).get_vocab_size()
     make_hf_model(vocab_size=vocab, max_position_embeddings=256).save_pretrained(dense)
     write_tokenizer(dense)
-    torch.manual_seed(0)
-    moe_config = transformers.Qwen3MoeConfig(**{**TINY, "vocab_size": vocab, "max_position_embeddings": 256,
-                                                "num_experts": 4, "num_experts_per_tok": 2,
-                                                "moe_intermediate_size": 32, "tie_word_embeddings": False})
-    transformers.Qwen3MoeForCausalLM(moe_config).save_pretrained(tmp_path / "Qwen3-30B-A3B")
+    make_hf_moe_model(vocab_size=vocab, max_position_embeddings=256).save_pretrained(tmp_path / "Qwen3-30B-A3B")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -8,32 +8,21 @@ import os
 
 import pytest
 import torch
-from conftest import TINY, write_tokenizer
-from test_train import STEPS, _metrics, _torchrun_2_ranks, _train, _weights, data  # noqa: F401
+from conftest import TINY_MOE, make_hf_model, make_hf_moe_model, write_tokenizer
+from test_train import _metrics, _torchrun_2_ranks, _train, _weights, data  # noqa: F401
 
 from qwen3_kernels import QWEN
 
 transformers = pytest.importorskip("transformers")
 
-MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40, norm_topk_prob=True,
-           decoder_sparse_step=1, mlp_only_layers=[1], router_aux_loss_coef=0.02)
+MOE = dict(TINY_MOE, router_aux_loss_coef=0.02)
 
 
 @pytest.fixture(scope="module")
 def moe_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("train-moe") / "qwen3-moe-tiny"
-    tok = write_tokenizer(path)
-    torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(**{**TINY, **MOE, "vocab_size": tok.get_vocab_size(),
-                                            "max_position_embeddings": 128, "tie_word_embeddings": False})
-    model = transformers.Qwen3MoeForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.1 if "gate.weight" not in name else 0.5)
-    model.save_pretrained(path)
+    vocab = write_tokenizer(path).get_vocab_size()
+    make_hf_moe_model(vocab_size=vocab, max_position_embeddings=128, router_aux_loss_coef=0.02).save_pretrained(path)
     write_tokenizer(path)
     return path
 
@@ -88,11 +77,9 @@ def test_two_ranks_route_differently_and_match_one_process(moe_checkpoint, data,
 
 
 def test_router_aux_loss_coef_on_a_dense_model_is_refused(data, tmp_path, capsys):
-    from test_train import checkpoint as _  # noqa: F401
-    import conftest
     path = tmp_path / "dense"
     tok = write_tokenizer(path)
-    conftest.make_hf_model(vocab_size=tok.get_vocab_size(), max_position_embeddings=128).save_pretrained(path)
+    make_hf_model(vocab_size=tok.get_vocab_size(), max_position_embeddings=128).save_pretrained(path)
     write_tokenizer(path)
     assert _train(path, data, tmp_path / "out", "--router-aux-loss-coef", "0.01") == 1
     assert "is a dense Qwen3 (no Mixture-of-Experts layer)" in capsys.readouterr().err
