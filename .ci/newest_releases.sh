@@ -34,8 +34,9 @@ for line in open("constraints.txt"):
 print(", ".join(moved) or "none")
 PY
 )
-"$VENV/bin/python" -m pytest tests/test_test_layout.py tests/test_hf.py tests/test_parity.py tests/test_tokenizer.py \
-  tests/test_config.py -q -p no:cacheprovider >> "$LOG" 2>&1
+"$VENV/bin/python" -m pytest tests/test_test_layout.py tests/test_hf.py tests/test_hf_moe.py tests/test_parity.py \
+  tests/test_tokenizer.py tests/test_config.py tests/test_data_formats.py tests/test_readme.py \
+  -q -p no:cacheprovider >> "$LOG" 2>&1
 rc=$?
 if [ "$rc" -eq 0 ]; then
   echo "newest releases: pass (moved since constraints.txt: $moved)"
