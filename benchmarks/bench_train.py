@@ -4,7 +4,6 @@ state for both (transformers under autocast, as Trainer's ``bf16=True`` runs it)
 memory; the goal (issue "Fine-tuning that scales past one GPU") is >= 1.5x the tokens/s at <= 50%
 of the peak memory."""
 
-import argparse
 import json
 
 import pytest
@@ -49,13 +48,12 @@ def test_train_step(benchmark, peak, checkpoint, tmp_path, provider):
         import torch.distributed as dist
 
         from qwen3_kernels import train
-        args = argparse.Namespace(model=str(checkpoint), data=str(checkpoint / "data.jsonl"), out=str(tmp_path),
-                                  steps=10**6, tokens_per_step=EXAMPLES * LENGTH, micro_batch_tokens=None, lr=1e-5,
-                                  warmup=0, max_grad_norm=1.0, weight_decay=0.0, seed=0, dtype="bfloat16",
-                                  device="cuda", fused=True, activation_checkpointing=False, save_every=None,
-                                  resume=False, epochs=None, lr_scheduler="cosine", eval_data=None, eval_every=None,
-                                  save_total_limit=None, report_to="none",
-                                  router_aux_loss_coef=None)
+        from qwen3_kernels.__main__ import _parser
+        # the command line's own defaults, so every option the trainer reads is there
+        args = _parser().parse_args(["train", "--model", str(checkpoint), "--data", str(checkpoint / "data.jsonl"),
+                                     "--out", str(tmp_path), "--steps", str(10**6), "--tokens-per-step",
+                                     str(EXAMPLES * LENGTH), "--lr", "1e-5", "--dtype", "bfloat16", "--device", "cuda",
+                                     "--fused"])
         trainer = train.Trainer(args, *train._init_distributed("cuda"))
         trainer.micro_batches = lambda step: [batch]
         state = {"step": 0}
