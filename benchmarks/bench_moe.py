@@ -86,3 +86,40 @@ def test_moe_experts(benchmark, peak, provider, tokens, backward):
         op="moe_experts " + ("fwd+bwd" if backward else "fwd"),
         shape=f"{tokens}x{HIDDEN}x{INTER}x{EXPERTS}/top{TOP_K}", provider=provider, peak=peak, flops=flops,
         rounds=10 if tokens > 64 else 50)
+
+
+def _active_bytes_per_token(config) -> int:
+    """The weights one decode token reads from a 30B-A3B-shaped model: every layer's attention
+    projections, QK norms, router and k of its E experts, the final norm and the LM head (the
+    embedding row is negligible), in bf16."""
+    C, D, H, Hkv = config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads
+    attention = C * (H + 2 * Hkv) * D + H * D * C
+    experts = config.num_experts_per_tok * 3 * config.moe_intermediate_size * C
+    per_layer = attention + config.num_experts * C + experts
+    return 2 * (config.num_layers * per_layer + config.vocab_size * C)
+
+
+@needs_gpu
+def test_gpu_moe_decode(benchmark, peak):
+    """Batch-1 greedy decode of a whole 30B-A3B-shaped model (random bf16 weights, 48 layers, 61 GB):
+    tokens/s, and the bandwidth of its active weights (about 6 GB a token); goal: >= 60% of the
+    weight-streaming limit."""
+    from qwen3_kernels import QWEN, Config
+    config = Config.preset("30B-A3B")
+    total = torch.cuda.get_device_properties(0).total_memory
+    if total < 72 * 2**30:
+        pytest.skip(f"a 30B-A3B-shaped model needs about 62 GB; this GPU has {total / 2**30:.0f} GiB")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = QWEN(config, fused=True)
+    model = model.to(torch.bfloat16).to_empty(device="cuda").reset_parameters().eval()
+    ids = torch.randint(0, config.vocab_size, (1, 128), device="cuda")
+    new = 64
+
+    def step(ids):
+        with torch.inference_mode():
+            model.generate(ids, new)
+
+    run(benchmark, step, [(ids,)], op="moe model decode", shape=f"1x128+{new}", provider="triton", peak=peak,
+        bytes=_active_bytes_per_token(config) * new, rounds=3, warmup=1)
+    benchmark.extra_info["tokens_per_s"] = new / benchmark.stats.stats.median
